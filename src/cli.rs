@@ -1,0 +1,190 @@
+//! The command line: clap types, validated into config types with no clap in them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::chain::{DEFAULT_MAX_DEPTH, OpenConfig};
+use crate::error::{Error, Result};
+use crate::fs::fuse::FuseOptions;
+
+const ABOUT: &str = "Mount VHD, VHDX, VMDK and XVA snapshot chains as flat raw image files.";
+const LONG_ABOUT: &str = "\
+Mount VHD, VHDX, VMDK and XVA snapshot chains as flat raw image files.
+
+Each IMAGE is the top of a chain; its parents are found through the locators stored in the image
+and checked against the identity the child expects. The result is one read-only raw file per chain,
+MOUNTPOINT/<stem>.raw, that qemu-img, dd, losetup and virt-v2v read directly. Source images are
+only ever opened read-only.
+
+Examples:
+  vdiskfs info child.vhd                      show the chain, top to base
+  vdiskfs map --json child.vhd                allocation, shaped like qemu-img map --output=json
+  vdiskfs mount --daemon child.vhd /mnt/v     then: qemu-img convert -O qcow2 /mnt/v/child.raw out.qcow2
+  fusermount3 -u /mnt/v                       unmount (or Ctrl-C a foreground mount)";
+
+#[derive(Debug, Parser)]
+#[command(name = "vdiskfs", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount each chain as MOUNTPOINT/<stem>.raw (read-only).
+    #[command(long_about = "\
+Mount each chain as MOUNTPOINT/<stem>.raw, where <stem> is the image's file name without its last
+extension. Stays in the foreground until unmounted (fusermount3 -u MOUNTPOINT, umount, Ctrl-C,
+SIGTERM). With --daemon it returns once the mount is ready: exit 0 when reads will succeed,
+non-zero with the error when opening failed.
+
+Example:
+  vdiskfs mount --daemon --parent-dir /srv/base vm-snap2.vhd /mnt/vm
+  losetup -r -f --show /mnt/vm/vm-snap2.raw")]
+    Mount(MountArgs),
+    /// Show the chain top to base: format, sizes, identity, parent link, allocation.
+    #[command(long_about = "\
+Show the chain top to base. For each layer: path, format and subformat, virtual size, block size,
+identity (VHD UUID, VHDX DataWriteGuid, VMDK CID), the parent it expects and where it was found,
+and allocated bytes.
+
+Example:
+  vdiskfs info --json child.vhd | jq '.disks[0].layers[].path'")]
+    Info(InfoArgs),
+    /// Show allocation extents and the layer that owns each (qemu-img map style).
+    #[command(long_about = "\
+Show allocation extents of the merged chain. --json prints the shape of `qemu-img map
+--output=json` (start, length, depth, present, zero, data, compressed, offset), where depth names
+the layer that owns the extent (0 = top) and equals the number of layers where nothing is
+allocated.
+
+Example:
+  vdiskfs map --json child.vhd | jq '[.[] | select(.depth == 0) | .length] | add'")]
+    Map(InfoArgs),
+}
+
+/// How parents are found and checked (shared by every subcommand).
+#[derive(Debug, Args, Clone)]
+pub struct OpenArgs {
+    /// Also look for parents (by file name) in DIR; repeatable. Parents found through relative
+    /// locators must lie in the image's own directory or one of these.
+    #[arg(long = "parent-dir", value_name = "DIR")]
+    pub parent_dirs: Vec<PathBuf>,
+    /// Follow absolute and out-of-tree parent paths stored in images. Off by default: a crafted
+    /// image could otherwise point at any file on this machine.
+    #[arg(long)]
+    pub trust_locators: bool,
+    /// Accept a parent whose UUID/GUID/CID differs from what its child expects. The result is
+    /// only right if the parent really is unchanged.
+    #[arg(long)]
+    pub ignore_parent_id: bool,
+    /// Refuse chains deeper than N layers.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_DEPTH)]
+    pub max_depth: usize,
+}
+
+impl OpenArgs {
+    pub fn config(&self) -> Result<OpenConfig> {
+        for d in &self.parent_dirs {
+            if !d.is_dir() {
+                return Err(Error::usage(format!("--parent-dir {}: not a directory", d.display())));
+            }
+        }
+        if self.max_depth == 0 {
+            return Err(Error::usage("--max-depth must be at least 1"));
+        }
+        let parent_dirs = self
+            .parent_dirs
+            .iter()
+            .map(|d| std::path::absolute(d).map_err(|e| Error::io("--parent-dir", e)))
+            .collect::<Result<_>>()?;
+        Ok(OpenConfig {
+            parent_dirs,
+            trust_locators: self.trust_locators,
+            skip_identity_check: self.ignore_parent_id,
+            max_depth: self.max_depth,
+            ..OpenConfig::default()
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Images (the top of each chain), then the mount point directory.
+    #[arg(value_name = "IMAGE... MOUNTPOINT", required = true, num_args = 2..)]
+    pub paths: Vec<PathBuf>,
+    #[command(flatten)]
+    pub open: OpenArgs,
+    /// Return once the mount is ready and keep serving in the background.
+    #[arg(long)]
+    pub daemon: bool,
+    /// Let other users (and root) read the mount; needs user_allow_other in /etc/fuse.conf
+    /// unless run as root.
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Threads serving FUSE requests.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub threads: usize,
+    /// Memory for the merged block map cache of each chain, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    pub map_cache_mb: usize,
+    /// Kernel readahead per open file, in KiB (the FUSE default is 128).
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    pub readahead_kb: u32,
+    /// Append log lines (read errors, warnings) to FILE. A daemon without it logs to nowhere.
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// A validated `mount`.
+#[derive(Debug)]
+pub struct MountConfig {
+    pub images: Vec<PathBuf>,
+    pub mountpoint: PathBuf,
+    pub open: OpenConfig,
+    pub fuse: FuseOptions,
+    pub daemon: bool,
+    pub allow_other: bool,
+    pub threads: usize,
+    pub log_file: Option<PathBuf>,
+}
+
+impl MountArgs {
+    pub fn config(&self) -> Result<MountConfig> {
+        let (mnt, images) = self.paths.split_last().expect("clap requires two paths");
+        if !mnt.is_dir() {
+            return Err(Error::usage(format!("mount point {}: not an existing directory", mnt.display())));
+        }
+        if self.threads == 0 || self.threads > 256 {
+            return Err(Error::usage("--threads must be between 1 and 256"));
+        }
+        let mut open = self.open.config()?;
+        open.map_cache_bytes = self.map_cache_mb.max(1) << 20;
+        let abs = |p: &PathBuf| std::path::absolute(p).map_err(|e| Error::io(p.display().to_string(), e));
+        Ok(MountConfig {
+            images: images.iter().map(abs).collect::<Result<_>>()?,
+            mountpoint: abs(mnt)?,
+            open,
+            fuse: FuseOptions { readahead: self.readahead_kb.clamp(4, 16 << 10) << 10, ..FuseOptions::default() },
+            daemon: self.daemon,
+            allow_other: self.allow_other,
+            threads: self.threads,
+            log_file: self.log_file.as_ref().map(abs).transpose()?,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The top of the chain.
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub open: OpenArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}

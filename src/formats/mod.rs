@@ -1,0 +1,73 @@
+//! Image formats: detection by magic bytes and opening one layer.
+
+pub mod table;
+pub mod vhd;
+
+use std::sync::Arc;
+
+use crate::chain::OpenConfig;
+use crate::error::{Error, Result};
+use crate::layer::Layer;
+use crate::source::Source;
+
+/// What a file's magic bytes say it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Vhd,
+    Vhdx,
+    Vmdk,
+    Xva,
+}
+
+/// Detects the format from the first and last sectors.
+pub fn detect(src: &dyn Source) -> Result<Format> {
+    let len = src.len()?;
+    let n = len.min(512) as usize;
+    let head = src.read_vec(0, n)?;
+    let tail = if len >= 512 { src.read_vec(len - 512, 512)? } else { Vec::new() };
+    if head.starts_with(b"vhdxfile") {
+        return Ok(Format::Vhdx);
+    }
+    if head.starts_with(b"KDMV") || head.starts_with(b"COWD") || head.starts_with(&0xcafebabe_u64.to_le_bytes()) {
+        return Ok(Format::Vmdk);
+    }
+    if head.starts_with(b"# Disk DescriptorFile") || head.starts_with(b"# Disk Descriptor File") {
+        return Ok(Format::Vmdk);
+    }
+    if vhd::detect(&head, &tail) {
+        return Ok(Format::Vhd);
+    }
+    if head.starts_with(&[0x1f, 0x8b]) || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) || is_tar(&head) {
+        return Ok(Format::Xva);
+    }
+    let ext = src.location().file_name().rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();
+    let msg = match ext.as_str() {
+        "vhd" | "avhd" => "no VHD footer in the last sector nor at offset 0 (truncated, or not a VHD)",
+        "vhdx" | "avhdx" => "no VHDX file identifier at offset 0 (not a VHDX)",
+        "vmdk" => "no VMDK magic or descriptor at offset 0 (not a VMDK)",
+        "xva" => "neither a tar archive nor gzip/zstd-compressed (not an XVA)",
+        _ => "not a recognised disk image (no VHD footer, VHDX, VMDK or XVA signature); a raw disk needs no vdiskfs",
+    };
+    Err(Error::unsupported(msg).in_file(src.location()))
+}
+
+fn is_tar(head: &[u8]) -> bool {
+    head.len() >= 512 && (&head[257..262] == b"ustar" || tar_checksum_ok(head))
+}
+
+fn tar_checksum_ok(h: &[u8]) -> bool {
+    let field = String::from_utf8_lossy(&h[148..156]);
+    let Ok(stored) = u32::from_str_radix(field.trim_matches(|c: char| c == '\0' || c == ' '), 8) else {
+        return false;
+    };
+    let sum: u32 = h[..512].iter().enumerate().map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u32 }).sum();
+    sum == stored && h[0] != 0
+}
+
+/// Opens one layer of a chain (not XVA, which holds whole disks, not layers).
+pub fn open_layer(src: Arc<dyn Source>, _cfg: &OpenConfig) -> Result<Arc<dyn Layer>> {
+    match detect(src.as_ref())? {
+        Format::Vhd => Ok(Arc::new(vhd::VhdLayer::open(src)?)),
+        other => Err(Error::unsupported(format!("{other:?} images are not supported yet")).in_file(src.location())),
+    }
+}

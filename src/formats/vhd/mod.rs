@@ -1,0 +1,436 @@
+//! VHD: Microsoft "Virtual Hard Disk Image Format Specification" (October 2006), fixed, dynamic
+//! and differencing disks, in both the Windows and the XenServer (blktap) dialect.
+//!
+//! Supported: the footer (the copy at offset 0 is used when the last sector is not a valid footer,
+//! as for a VHD on a larger logical volume), the dynamic header, the BAT (which blktap preallocates
+//! beyond the disk; reads are bounded by `current_size`), per-sector bitmaps (MSB first; a clear bit
+//! means zeros in a dynamic disk and "ask the parent" in a differencing disk), blktap's batmap
+//! (a set bit lets a fully allocated block skip its bitmap), and the parent locators `W2ru`, `W2ku`,
+//! `MacX` and the deprecated `Wi2r`/`Wi2k`, whose data is read by `data_len` (Windows and blktap
+//! write `data_space` in bytes, the spec in sectors).
+//!
+//! Virtual size is `current_size`, never CHS geometry. Refused, with the error below: a bad cookie
+//! or checksum in both footer copies, a bad dynamic-header checksum, a format version other than
+//! 1.x, a block size that is not a power of two in 512 B–256 MiB, a virtual size over 2 TiB, a BAT
+//! smaller than the disk, a BAT entry whose block runs past the end of the file, a poisoned
+//! (mid-coalesce) blktap VHD, and blktap 0.1 files (little-endian bitmaps, refused by blktap itself).
+
+mod footer;
+mod header;
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+
+use lru::LruCache;
+use parking_lot::Mutex;
+
+pub use footer::{Footer, checksum};
+pub use header::{BatmapHeader, DynHeader};
+
+use super::table::PagedTable;
+use crate::error::{Error as CrateError, Result};
+use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span, fmt_uuid};
+use crate::source::{Location, Source};
+
+/// What can be wrong with a VHD's structures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} has bad cookie {found:02x?}")]
+    BadCookie { what: &'static str, found: Vec<u8> },
+    #[error("{what} checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { what: &'static str, stored: u32, computed: u32 },
+    #[error("{what} has unsupported version {version:#010x}")]
+    Version { what: &'static str, version: u32 },
+    #[error("unknown disk type {0}")]
+    DiskType(u32),
+    #[error("impossible block size {0} (must be a power of two from 512 B to 256 MiB)")]
+    BlockSize(u32),
+    #[error("poisoned VHD (v_poison cookie): blktap was coalescing it and its contents are incomplete")]
+    Poisoned,
+}
+
+impl From<Error> for CrateError {
+    fn from(e: Error) -> Self {
+        CrateError::corrupt(e.to_string())
+    }
+}
+
+/// The VHD maximum virtual size (the spec allows 2040 GiB; blktap and qemu allow 2 TiB).
+pub const MAX_SIZE: u64 = 2 << 40;
+const SECTOR: u64 = 512;
+const UNUSED: u64 = 0xFFFF_FFFF;
+/// Cached sector bitmaps per layer.
+const BITMAP_CACHE: usize = 4096;
+/// BAT pages cached per layer (64 KiB each, 32 GiB of a 2 MiB-block disk per page).
+const BAT_PAGES: usize = 16;
+/// Parent locator payloads larger than this are not paths.
+const MAX_LOCATOR: u32 = 64 << 10;
+
+/// Where the footer that was used came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FooterAt {
+    End,
+    Start,
+}
+
+/// A VHD of any type.
+#[derive(Debug)]
+pub struct VhdLayer {
+    src: Arc<dyn Source>,
+    footer: Footer,
+    footer_at: FooterAt,
+    dynamic: Option<Dynamic>,
+    parent: Option<ParentRef>,
+}
+
+#[derive(Debug)]
+struct Dynamic {
+    header: DynHeader,
+    bat: PagedTable,
+    block_size: u64,
+    /// Bytes of the sector bitmap in front of each block (whole sectors).
+    bitmap_bytes: u64,
+    blocks: u64,
+    allocated_blocks: u64,
+    /// blktap batmap: bit set = block fully allocated.
+    batmap: Option<Vec<u8>>,
+    bitmaps: Mutex<LruCache<u64, Arc<[u8]>>>,
+}
+
+/// True when the file looks like a VHD (cookie in the last sector or the first).
+pub fn detect(head: &[u8], tail: &[u8]) -> bool {
+    let vhd = |b: &[u8]| b.len() >= 8 && (&b[0..8] == footer::COOKIE || &b[0..8] == footer::POISON_COOKIE);
+    vhd(tail) || vhd(head)
+}
+
+impl VhdLayer {
+    pub fn open(src: Arc<dyn Source>) -> Result<VhdLayer> {
+        let loc = src.location().clone();
+        Self::open_inner(src).map_err(|e| e.in_file(&loc))
+    }
+
+    fn open_inner(src: Arc<dyn Source>) -> Result<VhdLayer> {
+        let len = src.len()?;
+        if len < 512 {
+            return Err(CrateError::corrupt(format!("too small to be a VHD ({len} bytes)")));
+        }
+        let (footer, footer_at) = read_footer(src.as_ref(), len)?;
+        if footer.current_size > MAX_SIZE {
+            return Err(CrateError::corrupt(format!(
+                "footer virtual size {} exceeds the VHD maximum of 2 TiB",
+                footer.current_size
+            )));
+        }
+        let data_end = if footer_at == FooterAt::End { len - 512 } else { len };
+        if footer.disk_type == footer::FIXED {
+            if footer.current_size > data_end {
+                return Err(CrateError::corrupt(format!(
+                    "truncated: fixed disk of {} bytes but the file holds only {data_end} bytes of data",
+                    footer.current_size
+                )));
+            }
+            return Ok(VhdLayer { src, footer, footer_at, dynamic: None, parent: None });
+        }
+        if footer.is_tap() && footer.creator_version == 0x0000_0001 {
+            return Err(CrateError::unsupported(
+                "blktap 0.1 VHD (little-endian sector bitmaps) is not supported, as by blktap itself",
+            ));
+        }
+        let ho = footer.data_offset;
+        if ho.checked_add(header::HEADER_SIZE as u64).is_none_or(|e| e > len) {
+            return Err(CrateError::corrupt(format!(
+                "dynamic header offset {ho:#x} is past the end of the file ({len:#x})"
+            )));
+        }
+        let header = DynHeader::parse(&src.read_vec(ho, header::HEADER_SIZE)?)
+            .map_err(|e| CrateError::corrupt(format!("{e} at {ho:#x}")))?;
+        let bs = header.block_size as u64;
+        let blocks = footer.current_size.div_ceil(bs);
+        if (header.max_table_entries as u64) < blocks {
+            return Err(CrateError::corrupt(format!(
+                "BAT has {} entries but a disk of {} bytes with {bs}-byte blocks needs {blocks}",
+                header.max_table_entries, footer.current_size
+            )));
+        }
+        let to = header.table_offset;
+        if to.checked_add(blocks * 4).is_none_or(|e| e > len) {
+            return Err(CrateError::corrupt(format!("BAT at {to:#x} runs past the end of the file ({len:#x})")));
+        }
+        let bitmap_bytes = (bs / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
+        let bat = PagedTable::new(src.clone(), to, blocks, 4, true, BAT_PAGES);
+        // One streaming pass: every entry must point inside the file (bounded memory).
+        let mut allocated_blocks = 0;
+        bat.for_each(|i, e| {
+            if e == UNUSED {
+                return Ok(());
+            }
+            let end = e * SECTOR + bitmap_bytes + bs;
+            if end > data_end {
+                return Err(CrateError::corrupt(format!(
+                    "BAT entry {i} (sector {e:#x}) puts block data up to {end:#x}, past the end of the data at {data_end:#x}"
+                )));
+            }
+            allocated_blocks += 1;
+            Ok(())
+        })?;
+        let batmap = read_batmap(src.as_ref(), &footer, &header, blocks, len);
+        let parent =
+            if footer.disk_type == footer::DIFFERENCING { Some(parent_ref(src.as_ref(), &header, len)?) } else { None };
+        let dynamic = Dynamic {
+            header,
+            bat,
+            block_size: bs,
+            bitmap_bytes,
+            blocks,
+            allocated_blocks,
+            batmap,
+            bitmaps: Mutex::new(LruCache::new(NonZeroUsize::new(BITMAP_CACHE).expect("non-zero"))),
+        };
+        Ok(VhdLayer { src, footer, footer_at, dynamic: Some(dynamic), parent })
+    }
+
+    pub fn footer(&self) -> &Footer {
+        &self.footer
+    }
+
+    fn bitmap(&self, d: &Dynamic, block: u64, entry: u64) -> Result<Arc<[u8]>> {
+        if let Some(b) = d.bitmaps.lock().get(&block).cloned() {
+            return Ok(b);
+        }
+        let b: Arc<[u8]> = self.src.read_vec(entry * SECTOR, d.bitmap_bytes as usize)?.into();
+        d.bitmaps.lock().put(block, b.clone());
+        Ok(b)
+    }
+
+    fn absent(&self) -> fn(u64) -> Span {
+        if self.parent.is_some() { Span::parent } else { Span::zero }
+    }
+}
+
+/// Reads the footer at the end, falling back to the copy at offset 0 (dynamic disks only).
+fn read_footer(src: &dyn Source, len: u64) -> Result<(Footer, FooterAt)> {
+    let tail = src.read_vec(len - 512, 512)?;
+    let end_err = match Footer::parse(&tail) {
+        Ok(f) => return Ok((f, FooterAt::End)),
+        Err(e) => e,
+    };
+    let head = src.read_vec(0, 512)?;
+    match Footer::parse(&head) {
+        Ok(f) if f.disk_type != footer::FIXED => {
+            log::info!("{}: footer at the end is invalid ({end_err}); using the copy at offset 0", src.location());
+            Ok((f, FooterAt::Start))
+        }
+        Ok(_) => Err(CrateError::corrupt(format!("footer at {:#x}: {end_err}", len - 512))),
+        Err(start_err) => {
+            if matches!(end_err, Error::Poisoned) || matches!(start_err, Error::Poisoned) {
+                return Err(Error::Poisoned.into());
+            }
+            Err(CrateError::corrupt(format!(
+                "footer at {:#x}: {end_err}; the copy at offset 0 is also invalid: {start_err}",
+                len - 512
+            )))
+        }
+    }
+}
+
+/// blktap's batmap, if present and valid. Any inconsistency just means "not used".
+fn read_batmap(src: &dyn Source, f: &Footer, h: &DynHeader, blocks: u64, len: u64) -> Option<Vec<u8>> {
+    if !f.is_tap() || f.creator_version < 0x0001_0001 {
+        return None;
+    }
+    let at = h.table_offset + (h.max_table_entries as u64 * 4).next_multiple_of(SECTOR);
+    if at + 512 > len {
+        return None;
+    }
+    let bh = BatmapHeader::parse(&src.read_vec(at, 512).ok()?)?;
+    let size = bh.size as u64 * SECTOR;
+    if size < blocks.div_ceil(8) || size > 64 << 20 || bh.offset.checked_add(size)? > len {
+        return None;
+    }
+    let map = src.read_vec(bh.offset, size as usize).ok()?;
+    if !bh.verify(&map) {
+        log::warn!("{}: batmap checksum mismatch; ignoring the batmap", src.location());
+        return None;
+    }
+    Some(map)
+}
+
+fn parent_ref(src: &dyn Source, h: &DynHeader, len: u64) -> Result<ParentRef> {
+    use header::*;
+    // Relative locators first, then absolute ones, then the header's unicode name.
+    let order = [PLAT_W2RU, PLAT_MACX, PLAT_WI2R, PLAT_W2KU, PLAT_WI2K];
+    let mut hints = Vec::new();
+    for code in order {
+        for l in h.locators.iter().filter(|l| l.code == code) {
+            if l.data_len == 0 || l.data_len > MAX_LOCATOR {
+                continue;
+            }
+            if l.data_offset.checked_add(l.data_len as u64).is_none_or(|e| e > len) {
+                return Err(CrateError::corrupt(format!(
+                    "parent locator {} data at {:#x} (+{}) is past the end of the file",
+                    l.code_str(),
+                    l.data_offset,
+                    l.data_len
+                )));
+            }
+            let data = src.read_vec(l.data_offset, l.data_len as usize)?;
+            if let Some(path) = decode_locator(code, &data) {
+                hints.push(Hint { kind: l.code_str(), path });
+            }
+        }
+    }
+    if !h.parent_name.is_empty() {
+        hints.push(Hint { kind: "parent_name".into(), path: h.parent_name.clone() });
+    }
+    Ok(ParentRef { hints, expect: vec![Identity::VhdUuid(h.parent_uuid)] })
+}
+
+/// Length of the run of equal bits starting at bit `first`, looking at most at `limit` bits.
+fn bit_run(bitmap: &[u8], first: u64, limit: u64) -> (bool, u64) {
+    let bit = |i: u64| bitmap[(i / 8) as usize] & (0x80 >> (i % 8)) != 0;
+    let v = bit(first);
+    let full = if v { 0xFF } else { 0x00 };
+    let mut i = first + 1;
+    while i < limit {
+        if i.is_multiple_of(8) && i + 8 <= limit && bitmap[(i / 8) as usize] == full {
+            i += 8;
+        } else if bit(i) == v {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    (v, i - first)
+}
+
+impl Layer for VhdLayer {
+    fn location(&self) -> &Location {
+        self.src.location()
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.footer.current_size
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Span> {
+        let Some(d) = &self.dynamic else {
+            return Ok(Span::data(max_len, 0, offset));
+        };
+        let absent = self.absent();
+        let block = offset / d.block_size;
+        let in_blk = offset % d.block_size;
+        let to_blk_end = d.block_size - in_blk;
+        let entry = d.bat.get(block)?;
+        if entry == UNUSED {
+            let mut len = to_blk_end;
+            let mut b = block + 1;
+            while len < max_len && b < d.blocks && d.bat.get(b)? == UNUSED {
+                len += d.block_size;
+                b += 1;
+            }
+            return Ok(absent(len.min(max_len)));
+        }
+        let data = entry * SECTOR + d.bitmap_bytes;
+        let full = d.batmap.as_ref().is_some_and(|m| m[(block / 8) as usize] & (0x80 >> (block % 8)) != 0);
+        if full {
+            return Ok(Span::data(to_blk_end.min(max_len), 0, data + in_blk));
+        }
+        let bitmap = self.bitmap(d, block, entry).map_err(|e| e.in_file(self.location()))?;
+        let sectors = d.block_size / SECTOR;
+        let (set, run) = bit_run(&bitmap, in_blk / SECTOR, sectors);
+        let len = ((in_blk / SECTOR + run) * SECTOR - in_blk).min(max_len);
+        Ok(if set { Span::data(len, 0, data + in_blk) } else { absent(len) })
+    }
+
+    fn read(&self, _source: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.src.read_exact_at(buf, offset)
+    }
+
+    fn parent(&self) -> Option<&ParentRef> {
+        self.parent.as_ref()
+    }
+
+    fn identity(&self) -> Vec<Identity> {
+        vec![Identity::VhdUuid(self.footer.unique_id)]
+    }
+
+    fn describe(&self) -> Result<LayerInfo> {
+        let f = &self.footer;
+        let subformat = match f.disk_type {
+            footer::FIXED => "fixed",
+            footer::DYNAMIC => "dynamic",
+            _ => "differencing",
+        };
+        let os = f.creator_os.to_be_bytes();
+        let os = if f.creator_os == 0 { "0".to_string() } else { String::from_utf8_lossy(&os).into_owned() };
+        let mut details = vec![
+            (
+                "creator".to_string(),
+                format!("{} {}.{} on {os}", f.creator(), f.creator_version >> 16, f.creator_version & 0xffff),
+            ),
+            ("size_source".to_string(), "current_size (footer)".to_string()),
+            (
+                "chs_geometry".to_string(),
+                format!("{}/{}/{} = {} bytes (not used)", f.geometry.0, f.geometry.1, f.geometry.2, f.chs_size()),
+            ),
+            (
+                "footer".to_string(),
+                match self.footer_at {
+                    FooterAt::End => "at end of file".to_string(),
+                    FooterAt::Start => "copy at offset 0 (no valid footer at end)".to_string(),
+                },
+            ),
+        ];
+        if f.is_tap() {
+            details.push(("hidden".into(), f.hidden.to_string()));
+        }
+        let (block_size, allocated) = match &self.dynamic {
+            None => (0, f.current_size),
+            Some(d) => {
+                details.push((
+                    "bat_entries".into(),
+                    format!(
+                        "{} ({} used by the disk, {} allocated)",
+                        d.header.max_table_entries, d.blocks, d.allocated_blocks
+                    ),
+                ));
+                details
+                    .push(("batmap".into(), if d.batmap.is_some() { "present, valid".into() } else { "none".into() }));
+                if self.parent.is_some() {
+                    details.push(("parent_name".into(), d.header.parent_name.clone()));
+                }
+                (d.block_size, d.allocated_blocks * d.block_size)
+            }
+        };
+        let parent = self.parent.as_ref().map(|p| ParentInfo {
+            expected_identity: p.expect.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" or "),
+            hints: p.hints.clone(),
+            resolved: None,
+        });
+        Ok(LayerInfo {
+            path: self.location().to_string(),
+            format: "vhd",
+            subformat: subformat.into(),
+            virtual_size: f.current_size,
+            block_size,
+            identity: fmt_uuid(&f.unique_id),
+            parent,
+            allocated_bytes: allocated,
+            details,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_runs_are_msb_first_and_bounded() {
+        let bm = [0b1110_0000u8, 0xFF, 0x00];
+        assert_eq!(bit_run(&bm, 0, 24), (true, 3));
+        assert_eq!(bit_run(&bm, 3, 24), (false, 5));
+        assert_eq!(bit_run(&bm, 8, 24), (true, 8));
+        assert_eq!(bit_run(&bm, 16, 20), (false, 4));
+    }
+}

@@ -1,0 +1,157 @@
+//! The filesystem as plain Rust: one directory holding one raw file per disk.
+//! Everything here returns `Result` and is testable without /dev/fuse; `fuse.rs` adapts it.
+
+pub mod fuse;
+
+use std::ffi::OsStr;
+use std::time::SystemTime;
+
+use crate::disk::Disk;
+use crate::error::{Error, Kind, Result};
+
+pub const ROOT: u64 = 1;
+const FIRST_DISK: u64 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    Dir,
+    File,
+}
+
+/// Attributes of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: NodeKind,
+    pub size: u64,
+    /// Allocated bytes (reported as 512-byte blocks).
+    pub allocated: u64,
+    pub perm: u16,
+    pub mtime: SystemTime,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `lseek` whence values the filesystem answers itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whence {
+    Data,
+    Hole,
+}
+
+/// Filesystem-wide statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub files: u64,
+    pub bsize: u32,
+}
+
+/// The filesystem: a root directory of disks.
+#[derive(Debug)]
+pub struct VdiskFs {
+    disks: Vec<Disk>,
+    uid: u32,
+    gid: u32,
+    mtime: SystemTime,
+}
+
+impl VdiskFs {
+    pub fn new(disks: Vec<Disk>) -> Self {
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        VdiskFs { disks, uid, gid, mtime: SystemTime::now() }
+    }
+
+    pub fn disks(&self) -> &[Disk] {
+        &self.disks
+    }
+
+    fn disk(&self, ino: u64) -> Result<&Disk> {
+        ino.checked_sub(FIRST_DISK)
+            .and_then(|i| self.disks.get(i as usize))
+            .ok_or_else(|| Error::not_found(format!("no inode {ino}")))
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        if ino == ROOT {
+            return Ok(Attr {
+                ino,
+                kind: NodeKind::Dir,
+                size: 0,
+                allocated: 0,
+                perm: 0o555,
+                mtime: self.mtime,
+                uid: self.uid,
+                gid: self.gid,
+            });
+        }
+        let d = self.disk(ino)?;
+        Ok(Attr {
+            ino,
+            kind: NodeKind::File,
+            size: d.size(),
+            allocated: d.allocated(),
+            perm: if d.writable() { 0o644 } else { 0o444 },
+            mtime: d.mtime(),
+            uid: self.uid,
+            gid: self.gid,
+        })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
+        if parent != ROOT {
+            return Err(Error::not_found("not a directory"));
+        }
+        let i = self
+            .disks
+            .iter()
+            .position(|d| OsStr::new(d.name()) == name)
+            .ok_or_else(|| Error::not_found(format!("no disk named {name:?}")))?;
+        self.getattr(FIRST_DISK + i as u64)
+    }
+
+    /// Entries of the root directory (after `.` and `..`).
+    pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, NodeKind, String)>> {
+        if ino != ROOT {
+            return Err(Error::new(Kind::Usage, "not a directory"));
+        }
+        let mut v = vec![(ROOT, NodeKind::Dir, ".".to_string()), (ROOT, NodeKind::Dir, "..".to_string())];
+        v.extend(
+            self.disks.iter().enumerate().map(|(i, d)| (FIRST_DISK + i as u64, NodeKind::File, d.name().to_string())),
+        );
+        Ok(v)
+    }
+
+    /// Checks an open: writing needs a writable disk.
+    pub fn open(&self, ino: u64, write: bool) -> Result<()> {
+        let d = self.disk(ino)?;
+        if write && !d.writable() {
+            return d.write(0, &[]).map(|_| ());
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        self.disk(ino)?.read(offset, size as usize)
+    }
+
+    pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
+        self.disk(ino)?.write(offset, data)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE. `None` means ENXIO (no data at or after `offset`, or past the end).
+    pub fn lseek(&self, ino: u64, offset: u64, whence: Whence) -> Result<Option<u64>> {
+        let d = self.disk(ino)?;
+        match whence {
+            Whence::Data => d.seek_data(offset),
+            Whence::Hole => d.seek_hole(offset),
+        }
+    }
+
+    pub fn statfs(&self) -> Statfs {
+        let total: u64 = self.disks.iter().map(|d| d.size()).sum();
+        Statfs { blocks: total.div_ceil(4096), bfree: 0, files: self.disks.len() as u64 + 1, bsize: 4096 }
+    }
+}
