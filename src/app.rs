@@ -8,10 +8,11 @@ use std::time::SystemTime;
 
 use serde_json::json;
 
-use crate::chain::{Chain, ExtentKind, OpenConfig};
+use crate::chain::{ExtentKind, OpenConfig};
 use crate::cli::{Cli, Command, InfoArgs, MountConfig};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
+use crate::formats;
 use crate::fs::VdiskFs;
 use crate::fs::fuse::FuseFs;
 use crate::source::Location;
@@ -25,21 +26,15 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// `<stem>.raw` for an image path: the file name without its last extension.
-pub fn raw_name(path: &Path) -> String {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    format!("{}.raw", if stem.is_empty() { "disk" } else { &stem })
-}
-
 /// Opens every image as disks, named uniquely.
 pub fn open_disks(images: &[std::path::PathBuf], cfg: &OpenConfig) -> Result<Vec<Disk>> {
     let mut disks: Vec<Disk> = Vec::new();
     for img in images {
-        let loc = Location::local(img);
-        let chain = Chain::open(&loc, cfg)?;
         let mtime = std::fs::metadata(img).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
-        let name = unique_name(raw_name(img), &disks);
-        disks.push(Disk::new(name, chain, mtime));
+        for (name, chain) in formats::open_image(&Location::local(img), cfg)? {
+            let name = unique_name(name, &disks);
+            disks.push(Disk::new(name, chain, mtime));
+        }
     }
     Ok(disks)
 }
@@ -144,13 +139,18 @@ fn map(a: &InfoArgs) -> Result<()> {
         let mut pos = 0;
         while pos < chain.size() {
             for e in chain.extents(pos, WINDOW)? {
-                let (depth, data, zero, present, offset) = match e.kind {
-                    ExtentKind::Data { depth, offset, .. } => (depth as usize, true, false, true, Some(offset)),
-                    ExtentKind::Zero { depth } => (depth as usize, false, true, (depth as usize) < layers.len(), None),
+                let (depth, data, zero, present, offset, compressed) = match e.kind {
+                    ExtentKind::Data { depth, source, offset } => {
+                        let compressed = layers[depth as usize].compressed(source as usize);
+                        (depth as usize, true, false, true, Some(offset), compressed)
+                    }
+                    ExtentKind::Zero { depth } => {
+                        (depth as usize, false, true, (depth as usize) < layers.len(), None, false)
+                    }
                 };
                 if a.json {
                     let mut o = json!({"start": e.start, "length": e.len, "depth": depth, "present": present,
-                        "zero": zero, "data": data, "compressed": false});
+                        "zero": zero, "data": data, "compressed": compressed});
                     if let Some(off) = offset {
                         o["offset"] = json!(off);
                     }

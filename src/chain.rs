@@ -35,6 +35,10 @@ pub struct OpenConfig {
     pub max_depth: usize,
     /// Bound on the merged block map cache of each chain.
     pub map_cache_bytes: usize,
+    /// Where indexes of archives (XVA tar and compressed-stream indexes) are kept.
+    pub cache_dir: Option<PathBuf>,
+    /// Verify checksums stored in images (XVA chunk checksums) on first read.
+    pub verify: bool,
 }
 
 impl Default for OpenConfig {
@@ -45,6 +49,8 @@ impl Default for OpenConfig {
             skip_identity_check: false,
             max_depth: DEFAULT_MAX_DEPTH,
             map_cache_bytes: 64 << 20,
+            cache_dir: None,
+            verify: true,
         }
     }
 }

@@ -85,6 +85,12 @@ pub struct OpenArgs {
     /// Refuse chains deeper than N layers.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_DEPTH)]
     pub max_depth: usize,
+    /// Directory for archive indexes (XVA) [default: $XDG_CACHE_HOME/vdiskfs or ~/.cache/vdiskfs].
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Skip verifying checksums stored in images (XVA chunk checksums), for speed.
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 impl OpenArgs {
@@ -107,8 +113,24 @@ impl OpenArgs {
             trust_locators: self.trust_locators,
             skip_identity_check: self.ignore_parent_id,
             max_depth: self.max_depth,
+            cache_dir: Some(match &self.cache_dir {
+                Some(d) => std::path::absolute(d).map_err(|e| Error::io("--cache-dir", e))?,
+                None => default_cache_dir(),
+            }),
+            verify: !self.no_verify,
             ..OpenConfig::default()
         })
+    }
+}
+
+/// `$XDG_CACHE_HOME/vdiskfs`, else `~/.cache/vdiskfs`, else `/var/cache/vdiskfs`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("vdiskfs");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".cache/vdiskfs"),
+        None => PathBuf::from("/var/cache/vdiskfs"),
     }
 }
 

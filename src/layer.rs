@@ -137,4 +137,9 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn identity(&self) -> Vec<Identity>;
     /// What `info` shows.
     fn describe(&self) -> Result<LayerInfo>;
+    /// True when `Data` spans of `source` are stored compressed (`map` reports it; the offset is
+    /// then the layer's own addressing, not a byte offset in a file).
+    fn compressed(&self, _source: usize) -> bool {
+        false
+    }
 }

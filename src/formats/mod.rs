@@ -2,13 +2,16 @@
 
 pub mod table;
 pub mod vhd;
+pub mod vhdx;
+pub mod vmdk;
+pub mod xva;
 
 use std::sync::Arc;
 
-use crate::chain::OpenConfig;
+use crate::chain::{Chain, OpenConfig};
 use crate::error::{Error, Result};
 use crate::layer::Layer;
-use crate::source::Source;
+use crate::source::{self, FileId, Location, Source};
 
 /// What a file's magic bytes say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,9 +68,36 @@ fn tar_checksum_ok(h: &[u8]) -> bool {
 }
 
 /// Opens one layer of a chain (not XVA, which holds whole disks, not layers).
-pub fn open_layer(src: Arc<dyn Source>, _cfg: &OpenConfig) -> Result<Arc<dyn Layer>> {
+pub fn open_layer(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Arc<dyn Layer>> {
     match detect(src.as_ref())? {
         Format::Vhd => Ok(Arc::new(vhd::VhdLayer::open(src)?)),
-        other => Err(Error::unsupported(format!("{other:?} images are not supported yet")).in_file(src.location())),
+        Format::Vhdx => vhdx::open(src, cfg),
+        Format::Vmdk => vmdk::open(src, cfg),
+        Format::Xva => {
+            Err(Error::unsupported("an XVA export holds whole disks and cannot be the parent of another image")
+                .in_file(src.location()))
+        }
     }
+}
+
+/// Opens an image given on the command line as one or more named disks: a chain named
+/// `<stem>.raw` for VHD, VHDX and VMDK, one disk per VDI for XVA.
+pub fn open_image(loc: &Location, cfg: &OpenConfig) -> Result<Vec<(String, Chain)>> {
+    let src = source::open(loc)?;
+    if detect(src.as_ref())? == Format::Xva {
+        return xva::open_disks(src, cfg);
+    }
+    let id: Option<FileId> = src.id();
+    let layer = open_layer(src, cfg)?;
+    let name = raw_name(&loc.file_name());
+    Ok(vec![(name, Chain::open_from(layer, id, cfg)?)])
+}
+
+/// `<stem>.raw` for a file name: the name without its last extension.
+pub fn raw_name(file_name: &str) -> String {
+    let stem = match file_name.rsplit_once('.') {
+        Some((s, _)) if !s.is_empty() => s,
+        _ => file_name,
+    };
+    format!("{}.raw", if stem.is_empty() { "disk" } else { stem })
 }

@@ -1,7 +1,11 @@
 //! Integration tests: real files, real FUSE mounts, real consumers, independent readers.
 
-mod cli;
 mod common;
+
+mod cli;
 mod corpus;
 mod vhd;
 mod vhd_bad;
+mod vhdx;
+mod vmdk;
+mod xva;

@@ -59,8 +59,8 @@ impl From<Error> for CrateError {
 pub const MAX_SIZE: u64 = 2 << 40;
 const SECTOR: u64 = 512;
 const UNUSED: u64 = 0xFFFF_FFFF;
-/// Cached sector bitmaps per layer.
-const BITMAP_CACHE: usize = 4096;
+/// Bytes of sector bitmaps cached per layer (4096 bitmaps of a 2 MiB-block disk).
+const BITMAP_CACHE_BYTES: u64 = 2 << 20;
 /// BAT pages cached per layer (64 KiB each, 32 GiB of a 2 MiB-block disk per page).
 const BAT_PAGES: usize = 16;
 /// Parent locator payloads larger than this are not paths.
@@ -184,7 +184,9 @@ impl VhdLayer {
             blocks,
             allocated_blocks,
             batmap,
-            bitmaps: Mutex::new(LruCache::new(NonZeroUsize::new(BITMAP_CACHE).expect("non-zero"))),
+            bitmaps: Mutex::new(LruCache::new(
+                NonZeroUsize::new((BITMAP_CACHE_BYTES / bitmap_bytes).max(16) as usize).expect("non-zero"),
+            )),
         };
         Ok(VhdLayer { src, footer, footer_at, dynamic: Some(dynamic), parent })
     }

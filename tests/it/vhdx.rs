@@ -1,0 +1,1 @@
+//! VHDX through the whole stack (tests arrive with the format).

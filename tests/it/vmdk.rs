@@ -1,0 +1,1 @@
+//! VMDK through the whole stack (tests arrive with the format).

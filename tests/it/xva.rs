@@ -1,0 +1,1 @@
+//! XVA through the whole stack (tests arrive with the format).
