@@ -33,7 +33,7 @@ fn chain(dir: &Path, depth: usize) -> Chain {
 
 fn benches(c: &mut Criterion) {
     let t = tempfile::tempdir().unwrap();
-    for depth in [1, 16] {
+    for depth in [1, 16, 64] {
         let ch = chain(t.path(), depth);
         let mut buf = vec![0u8; MIB as usize];
         c.bench_function(&format!("read 1 MiB, depth {depth}"), |b| {

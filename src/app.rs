@@ -267,6 +267,27 @@ fn redirect_stdio(log: Option<&Path>) -> Result<()> {
 
 type ServeError = (Error, Option<std::fs::File>);
 
+/// The kernel caps a FUSE mount's readahead at its bdi's `read_ahead_kb` (128 KiB by default),
+/// whatever the file system asked for at init. As root we raise it for our own mount only.
+/// The device number comes from mountinfo: a stat of the mount point would wait for a FUSE
+/// reply that no thread serves yet.
+fn set_bdi_readahead(mountpoint: &Path, kb: u32) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return };
+    let want = mountpoint.to_string_lossy();
+    // Fields: id parent major:minor root mountpoint ...; the last match is the newest mount.
+    let Some(dev) = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && f[4] == want).then(|| f[2].to_string())
+    }) else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    match std::fs::write(&knob, kb.to_string()) {
+        Ok(()) => log::info!("{knob} = {kb}"),
+        Err(e) => log::info!("cannot set {knob} ({e}); readahead stays at the kernel default"),
+    }
+}
+
 fn serve(
     disks: Vec<Disk>,
     cfg: &MountConfig,
@@ -306,6 +327,7 @@ fn serve(
     let fuse = FuseFs::new(fs.clone(), cfg.fuse.clone());
     let mut session = fuser::Session::new(fuse, &cfg.mountpoint, &fcfg)
         .map_err(|e| (Error::io(format!("cannot mount at {}", cfg.mountpoint.display()), e), ready.take()))?;
+    set_bdi_readahead(&cfg.mountpoint, cfg.fuse.readahead / 1024);
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("signals".into())
@@ -322,6 +344,9 @@ fn serve(
     // st_blocks: walk each chain's allocation once, in the background.
     let fs2 = fs.clone();
     let _ = std::thread::Builder::new().name("alloc".into()).spawn(move || {
+        // Background work: let reads go first.
+        // SAFETY: setpriority on this thread's own id.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
         for d in fs2.disks() {
             if let Err(e) = d.compute_allocated() {
                 log::warn!("{}: allocation scan failed: {e}", d.name());

@@ -57,13 +57,21 @@ impl Disk {
 
     /// Up to `size` bytes at `offset`; short only at the end of the disk.
     pub fn read(&self, offset: u64, size: usize) -> Result<Vec<u8>> {
-        let end = offset.saturating_add(size as u64).min(self.size());
-        if offset >= end {
-            return Ok(Vec::new());
-        }
-        let mut buf = vec![0u8; (end - offset) as usize];
-        self.chain.read(offset, &mut buf)?;
+        let mut buf = Vec::new();
+        self.read_into(offset, size, &mut buf)?;
         Ok(buf)
+    }
+
+    /// Like [`Disk::read`], into a caller's buffer (resized; its old contents are overwritten, so
+    /// a buffer reused across requests costs no allocation and no zeroing).
+    pub fn read_into(&self, offset: u64, size: usize, buf: &mut Vec<u8>) -> Result<()> {
+        let end = offset.saturating_add(size as u64).min(self.size());
+        let n = end.saturating_sub(offset) as usize;
+        buf.resize(n, 0);
+        if n > 0 {
+            self.chain.read(offset, buf)?;
+        }
+        Ok(())
     }
 
     /// Writes need an overlay; without one the disk is read-only.

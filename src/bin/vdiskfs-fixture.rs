@@ -64,6 +64,38 @@ enum Cmd {
         from: PathBuf,
         dir: PathBuf,
     },
+    /// A sparse chain of LAYERS VHDs of virtual size SIZE (suffixes K, M, G, T), each layer
+    /// holding WRITES random 64 KiB writes: for mount-time and memory measurements.
+    SparseChain {
+        #[arg(long, value_enum, default_value = "windows")]
+        dialect: DialectArg,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long)]
+        layers: usize,
+        #[arg(long, default_value_t = 16)]
+        writes: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        dir: PathBuf,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown size suffix in {s}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.parse::<u64>().map(|n| n * mult).map_err(|e| format!("{s}: {e}"))
 }
 
 fn dialect(d: DialectArg) -> Dialect {
@@ -134,6 +166,35 @@ fn run(cli: Cli) -> std::io::Result<()> {
                 b.build(&path)?;
                 println!("{}", path.display());
                 parent = Some(path);
+            }
+            Ok(())
+        }
+        Cmd::SparseChain { dialect: d, size, layers, writes, seed, dir } => {
+            std::fs::create_dir_all(&dir)?;
+            let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut rnd = move |n: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % n
+            };
+            let mut parent: Option<PathBuf> = None;
+            for k in 0..layers {
+                let path = dir.join(format!("sparse-{k:02}.vhd"));
+                let mut b = match &parent {
+                    None => VhdBuilder::dynamic(size),
+                    Some(p) => VhdBuilder::differencing(p)?,
+                }
+                .dialect(dialect(d));
+                for w in 0..writes {
+                    let off = rnd(size / 65536) * 65536;
+                    b.write(off, &vdiskfs::testkit::pattern(seed ^ (k as u64) << 20 ^ w, 65536));
+                }
+                b.build(&path)?;
+                parent = Some(path);
+            }
+            if let Some(p) = parent {
+                println!("{}", p.display());
             }
             Ok(())
         }

@@ -1,5 +1,6 @@
 //! Image formats: detection by magic bytes and opening one layer.
 
+pub mod bitset;
 pub mod table;
 pub mod vhd;
 pub mod vhdx;

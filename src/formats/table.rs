@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use crate::error::Result;
 use crate::source::Source;
 
-/// Bytes per page read from the source.
+/// Default bytes per page read from the source.
 pub const PAGE_BYTES: usize = 64 << 10;
 
 /// A table of fixed-size little- or big-endian entries at `offset` in `src`.
@@ -24,6 +24,7 @@ pub struct PagedTable {
     entries: u64,
     entry_size: usize,
     big_endian: bool,
+    page_bytes: usize,
     pages: Mutex<LruCache<u64, Arc<[u8]>>>,
 }
 
@@ -37,13 +38,29 @@ impl PagedTable {
         big_endian: bool,
         max_pages: usize,
     ) -> Self {
+        Self::with_page_size(src, offset, entries, entry_size, big_endian, PAGE_BYTES, max_pages)
+    }
+
+    /// Like [`PagedTable::new`] with pages of `page_bytes` (a power of two, at least 512): small
+    /// pages suit random access to large tables, since a miss reads one page.
+    pub fn with_page_size(
+        src: Arc<dyn Source>,
+        offset: u64,
+        entries: u64,
+        entry_size: usize,
+        big_endian: bool,
+        page_bytes: usize,
+        max_pages: usize,
+    ) -> Self {
         assert!(entry_size == 4 || entry_size == 8);
+        assert!(page_bytes.is_power_of_two() && page_bytes >= 512);
         PagedTable {
             src,
             offset,
             entries,
             entry_size,
             big_endian,
+            page_bytes,
             pages: Mutex::new(LruCache::new(NonZeroUsize::new(max_pages.max(1)).expect("max(1) is non-zero"))),
         }
     }
@@ -56,7 +73,7 @@ impl PagedTable {
     }
 
     fn per_page(&self) -> u64 {
-        (PAGE_BYTES / self.entry_size) as u64
+        (self.page_bytes / self.entry_size) as u64
     }
 
     fn page(&self, p: u64) -> Result<Arc<[u8]>> {
@@ -88,10 +105,29 @@ impl PagedTable {
         Ok(self.decode(&pg[at..at + self.entry_size]))
     }
 
-    /// Visits every entry in order, reading page by page without filling the cache
+    /// How many consecutive entries from `i` (at most `max`, not past the end) satisfy `pred`,
+    /// looking each page up once.
+    pub fn run_len(&self, i: u64, max: u64, pred: impl Fn(u64) -> bool) -> Result<u64> {
+        let end = i.saturating_add(max).min(self.entries);
+        let mut j = i;
+        while j < end {
+            let pg = self.page(j / self.per_page())?;
+            let page_end = ((j / self.per_page() + 1) * self.per_page()).min(end);
+            while j < page_end {
+                let at = (j % self.per_page()) as usize * self.entry_size;
+                if !pred(self.decode(&pg[at..at + self.entry_size])) {
+                    return Ok(j - i);
+                }
+                j += 1;
+            }
+        }
+        Ok(j - i)
+    }
+
+    /// Visits every entry in order, reading 64 KiB or more at a time without filling the cache
     /// (validation and statistics at open time keep memory bounded).
     pub fn for_each(&self, mut f: impl FnMut(u64, u64) -> Result<()>) -> Result<()> {
-        let per = self.per_page();
+        let per = (self.page_bytes.max(PAGE_BYTES) / self.entry_size) as u64;
         let mut first = 0;
         while first < self.entries {
             let n = per.min(self.entries - first) as usize;
@@ -125,6 +161,8 @@ mod tests {
             assert_eq!(tb.get(i).unwrap(), i * 7);
             assert_eq!(tl.get(i).unwrap(), i * 7);
         }
+        assert_eq!(tb.run_len(3, n, |v| v % 7 == 0).unwrap(), n - 3);
+        assert_eq!(tb.run_len(3, 10, |v| v < 5 * 7).unwrap(), 2);
         let mut count = 0;
         tb.for_each(|i, v| {
             assert_eq!(v, i * 7);

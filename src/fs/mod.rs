@@ -137,6 +137,11 @@ impl VdiskFs {
         self.disk(ino)?.read(offset, size as usize)
     }
 
+    /// [`VdiskFs::read`] into a reusable buffer.
+    pub fn read_into(&self, ino: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> Result<()> {
+        self.disk(ino)?.read_into(offset, size as usize, buf)
+    }
+
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
         self.disk(ino)?.write(offset, data)
     }
