@@ -23,7 +23,100 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mount(a) => mount(a.config()?),
         Command::Info(a) => info(&a),
         Command::Map(a) => map(&a),
+        Command::Export(a) => export(&a),
     }
+}
+
+/// Pairs overlays with disks: one per disk in order, or one directory for all.
+fn attach_overlays(disks: Vec<Disk>, overlays: &[std::path::PathBuf], cluster: u64) -> Result<Vec<Disk>> {
+    if overlays.is_empty() {
+        return Ok(disks);
+    }
+    let paths: Vec<std::path::PathBuf> = if overlays.len() == disks.len() && !(disks.len() == 1 && overlays[0].is_dir())
+    {
+        overlays.to_vec()
+    } else if overlays.len() == 1 && overlays[0].is_dir() {
+        disks.iter().map(|d| overlays[0].join(format!("{}.overlay", d.name().trim_end_matches(".raw")))).collect()
+    } else {
+        return Err(Error::usage(format!(
+            "{} disk(s) but {} --overlay file(s): give one per disk, in order, or one directory",
+            disks.len(),
+            overlays.len()
+        )));
+    };
+    let mut out = Vec::new();
+    for (d, p) in disks.into_iter().zip(paths) {
+        for l in d.chain().layers() {
+            if let (Ok(a), Some(b)) = (std::fs::canonicalize(&p), l.location().as_path())
+                && std::fs::canonicalize(b).is_ok_and(|b| b == a)
+            {
+                return Err(Error::usage(format!("--overlay {} is one of the source images", p.display())));
+            }
+        }
+        let ov = crate::overlay::Overlay::attach(&p, d.size(), &d.chain().identity_text()?, cluster, true)?;
+        out.push(d.with_overlay(ov));
+    }
+    Ok(out)
+}
+
+fn export(a: &crate::cli::ExportArgs) -> Result<()> {
+    let cfg = a.open.config()?;
+    let mut disks = open_disks(std::slice::from_ref(&a.image), &cfg)?;
+    let disk = match &a.disk {
+        Some(n) => {
+            let names: Vec<String> = disks.iter().map(|d| d.name().to_string()).collect();
+            let i = disks.iter().position(|d| d.name() == n || d.name().trim_end_matches(".raw") == n).ok_or_else(
+                || Error::usage(format!("no disk {n} in {} (it has {})", a.image.display(), names.join(", "))),
+            )?;
+            disks.swap_remove(i)
+        }
+        None if disks.len() == 1 => disks.remove(0),
+        None => {
+            let names: Vec<String> = disks.iter().map(|d| d.name().to_string()).collect();
+            return Err(Error::usage(format!(
+                "{} holds {} disks ({}); choose one with --disk NAME",
+                a.image.display(),
+                disks.len(),
+                names.join(", ")
+            )));
+        }
+    };
+    let disk = match &a.overlay {
+        Some(p) => {
+            let ov = crate::overlay::Overlay::attach(p, disk.size(), &disk.chain().identity_text()?, 0, false)?;
+            disk.with_overlay(ov)
+        }
+        None => disk,
+    };
+    let sources: Vec<std::path::PathBuf> = disk
+        .chain()
+        .layers()
+        .iter()
+        .filter_map(|l| l.location().as_path().map(|p| p.to_path_buf()))
+        .chain(a.overlay.iter().cloned())
+        .collect();
+    let ecfg = crate::export::ExportConfig {
+        target: a.target.clone(),
+        target_zeroed: a.target_zeroed,
+        verify: a.verify,
+        threads: a.threads.clamp(1, 64),
+        progress: !a.quiet,
+    };
+    let st = crate::export::export(&disk, &ecfg, &sources)?;
+    let secs = st.elapsed.as_secs_f64().max(1e-9);
+    eprintln!(
+        "exported {} ({} bytes) to {} in {:.2} s: {} bytes written ({:.0} MB/s), {} zero bytes skipped, {} zeroed{}",
+        disk.name(),
+        disk.size(),
+        a.target.display(),
+        secs,
+        st.written,
+        st.written as f64 / secs / 1e6,
+        st.skipped,
+        st.zeroed,
+        if st.verified { "; verified" } else { "" }
+    );
+    Ok(())
 }
 
 /// Opens every image as disks, named uniquely.
@@ -189,10 +282,18 @@ fn map(a: &InfoArgs) -> Result<()> {
 
 fn mount(cfg: MountConfig) -> Result<()> {
     let disks = open_disks(&cfg.images, &cfg.open)?;
+    let disks = attach_overlays(disks, &cfg.overlays, cfg.overlay_cluster)?;
     let summary: Vec<String> = disks
         .iter()
         .map(|d| {
-            format!("{}/{} ({} bytes, {} layer(s))", cfg.mountpoint.display(), d.name(), d.size(), d.chain().depth())
+            let ov = d.overlay().map(|o| format!(", writable, overlay {}", o.path().display())).unwrap_or_default();
+            format!(
+                "{}/{} ({} bytes, {} layer(s){ov})",
+                cfg.mountpoint.display(),
+                d.name(),
+                d.size(),
+                d.chain().depth()
+            )
         })
         .collect();
     let ready_pipe = if cfg.daemon { Some(daemonize(&cfg)?) } else { None };
@@ -353,6 +454,23 @@ fn serve(
             }
         }
     });
+    // Overlays: a checkpoint every few seconds bounds what a power loss can take, as a file
+    // system's commit interval does (fsync and flush checkpoint at once).
+    if fs.disks().iter().any(|d| d.writable()) {
+        let fs3 = fs.clone();
+        let _ = std::thread::Builder::new().name("checkpoint".into()).spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(5));
+                for d in fs3.disks() {
+                    if d.overlay().is_some_and(|o| o.is_dirty())
+                        && let Err(e) = d.flush()
+                    {
+                        log::error!("{}: periodic checkpoint failed: {e}", d.name());
+                    }
+                }
+            }
+        });
+    }
     let text: String = summary.iter().map(|s| format!("mounted {s}\n")).collect();
     match ready.take() {
         Some(mut p) => {
@@ -361,5 +479,11 @@ fn serve(
         None => print!("{text}"),
     }
     let _ = std::io::stdout().flush();
-    session.run().map_err(|e| (Error::io("FUSE session failed", e), None))
+    let r = session.run().map_err(|e| (Error::io("FUSE session failed", e), None));
+    // However the session ended, make the overlays' last writes durable.
+    if let Err(e) = fs.flush_all() {
+        log::error!("final checkpoint: {e}");
+        return Err((e, None));
+    }
+    r
 }

@@ -276,6 +276,18 @@ impl Chain {
         self.cache.entries()
     }
 
+    /// Text naming this chain's content: format, identity and size of every layer, top first.
+    /// An overlay records it and refuses to attach to anything else.
+    pub fn identity_text(&self) -> Result<String> {
+        let mut parts = Vec::new();
+        for l in &self.layers {
+            let d = l.describe()?;
+            let id = if d.identity.is_empty() { l.location().file_name() } else { d.identity };
+            parts.push(format!("{}:{}:{}", d.format, id, d.virtual_size));
+        }
+        Ok(parts.join(" > "))
+    }
+
     /// `info` for every layer, top first, with resolved parent paths.
     pub fn describe(&self) -> Result<Vec<LayerInfo>> {
         let mut out = Vec::with_capacity(self.layers.len());
@@ -404,15 +416,18 @@ impl Chain {
     }
 
     fn scan(&self, from: u64, want_data: bool) -> Result<Option<u64>> {
-        const WINDOW: u64 = 1 << 30;
+        // Callers (qemu-img, cp) seek extent by extent: start with a small window so the common
+        // case resolves little, and double it across long runs.
+        let mut window = MAP_BLOCK;
         let mut pos = from;
         while pos < self.size {
-            for e in self.extents(pos, WINDOW)? {
+            for e in self.extents(pos, window)? {
                 if e.is_data() == want_data {
                     return Ok(Some(e.start.max(pos)));
                 }
             }
-            pos = pos.saturating_add(WINDOW);
+            pos = pos.saturating_add(window);
+            window = (window * 2).min(1 << 30);
         }
         Ok(None)
     }

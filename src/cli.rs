@@ -21,7 +21,9 @@ Examples:
   vdiskfs info child.vhd                      show the chain, top to base
   vdiskfs map --json child.vhd                allocation, shaped like qemu-img map --output=json
   vdiskfs mount --daemon child.vhd /mnt/v     then: qemu-img convert -O qcow2 /mnt/v/child.raw out.qcow2
-  fusermount3 -u /mnt/v                       unmount (or Ctrl-C a foreground mount)";
+  fusermount3 -u /mnt/v                       unmount (or Ctrl-C a foreground mount)
+  vdiskfs mount --overlay fix.ovl child.vhd /mnt/v   writable; writes go to fix.ovl, never to the images
+  vdiskfs export --overlay fix.ovl child.vhd /dev/vg/vm-disk   chain + overlay onto the target";
 
 #[derive(Debug, Parser)]
 #[command(name = "vdiskfs", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -65,6 +67,17 @@ allocated.
 Example:
   vdiskfs map --json child.vhd | jq '[.[] | select(.depth == 0) | .length] | add'")]
     Map(InfoArgs),
+    /// Write the merged disk (chain + overlay) to a file or block device.
+    #[command(long_about = "\
+Write the merged disk (chain + optional overlay) to TARGET, a file or a block device. A new file
+is created sparse; holes and all-zero ranges are skipped when the target is new or
+--target-zeroed says it reads as zeros, and are zeroed otherwise. Copies with several threads and
+shows a progress bar. Refuses a target that is mounted or in use, attached to a loop device, one
+of the sources, or smaller than the disk. On failure it says how much of the target was written.
+
+Example:
+  vdiskfs export --overlay fixups.ovl --verify vm-snap.vhd /dev/vg0/vm-disk")]
+    Export(ExportArgs),
 }
 
 /// How parents are found and checked (shared by every subcommand).
@@ -160,6 +173,14 @@ pub struct MountArgs {
     /// Append log lines (read errors, warnings) to FILE. A daemon without it logs to nowhere.
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
+    /// Make the disk writable: writes go to this copy-on-write overlay FILE (created if missing,
+    /// reattached if present, refused if made for another chain). Repeat once per disk, or give
+    /// one directory to hold <disk>.overlay files.
+    #[arg(long, value_name = "FILE")]
+    pub overlay: Vec<PathBuf>,
+    /// Cluster size of a NEW overlay, in KiB (the unit of copy-on-write and of the map).
+    #[arg(long, value_name = "KIB", default_value_t = 64)]
+    pub overlay_cluster_kb: u64,
 }
 
 /// A validated `mount`.
@@ -173,6 +194,8 @@ pub struct MountConfig {
     pub allow_other: bool,
     pub threads: usize,
     pub log_file: Option<PathBuf>,
+    pub overlays: Vec<PathBuf>,
+    pub overlay_cluster: u64,
 }
 
 impl MountArgs {
@@ -196,6 +219,8 @@ impl MountArgs {
             allow_other: self.allow_other,
             threads: self.threads,
             log_file: self.log_file.as_ref().map(abs).transpose()?,
+            overlays: self.overlay.iter().map(abs).collect::<Result<_>>()?,
+            overlay_cluster: self.overlay_cluster_kb.saturating_mul(1024),
         })
     }
 }
@@ -209,4 +234,32 @@ pub struct InfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The top of the chain.
+    pub image: PathBuf,
+    /// File or block device to write.
+    pub target: PathBuf,
+    #[command(flatten)]
+    pub open: OpenArgs,
+    /// Merge this overlay (read-only) over the chain.
+    #[arg(long, value_name = "FILE")]
+    pub overlay: Option<PathBuf>,
+    /// Which disk of an image holding several (an XVA), by its <name>.raw.
+    #[arg(long, value_name = "NAME")]
+    pub disk: Option<String>,
+    /// The target already reads as zeros (a new LV on thin storage, a zeroed device): skip holes.
+    #[arg(long)]
+    pub target_zeroed: bool,
+    /// Re-read the target afterwards and compare it with the disk.
+    #[arg(long)]
+    pub verify: bool,
+    /// Copy threads.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub threads: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
 }

@@ -1,4 +1,4 @@
-//! A disk as consumers see it: a chain, and (later) an overlay that takes writes.
+//! A disk as consumers see it: a chain, and optionally an overlay that takes writes.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -6,6 +6,7 @@ use std::time::SystemTime;
 
 use crate::chain::Chain;
 use crate::error::{Error, Kind, Result};
+use crate::overlay::{Overlay, State};
 
 /// Allocation not known yet.
 const UNKNOWN: u64 = u64::MAX;
@@ -15,13 +16,20 @@ const UNKNOWN: u64 = u64::MAX;
 pub struct Disk {
     name: String,
     chain: Arc<Chain>,
+    overlay: Option<Overlay>,
     mtime: SystemTime,
     allocated: AtomicU64,
 }
 
 impl Disk {
     pub fn new(name: impl Into<String>, chain: Chain, mtime: SystemTime) -> Self {
-        Disk { name: name.into(), chain: Arc::new(chain), mtime, allocated: AtomicU64::new(UNKNOWN) }
+        Disk { name: name.into(), chain: Arc::new(chain), overlay: None, mtime, allocated: AtomicU64::new(UNKNOWN) }
+    }
+
+    /// Puts `overlay` over the chain: reads merge it, writes go to it.
+    pub fn with_overlay(mut self, overlay: Overlay) -> Self {
+        self.overlay = Some(overlay);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -30,6 +38,9 @@ impl Disk {
     pub fn chain(&self) -> &Arc<Chain> {
         &self.chain
     }
+    pub fn overlay(&self) -> Option<&Overlay> {
+        self.overlay.as_ref()
+    }
     pub fn size(&self) -> u64 {
         self.chain.size()
     }
@@ -37,7 +48,7 @@ impl Disk {
         self.mtime
     }
     pub fn writable(&self) -> bool {
-        false
+        self.overlay.as_ref().is_some_and(|o| o.writable())
     }
 
     /// Bytes backed by data, once [`Disk::compute_allocated`] has run; the full size before.
@@ -48,9 +59,12 @@ impl Disk {
         }
     }
 
-    /// Walks the chain's allocation once (cheap: layers answer long runs in one step).
+    /// Walks the allocation once (cheap: layers answer long runs in one step).
     pub fn compute_allocated(&self) -> Result<u64> {
-        let n = self.chain.allocated_bytes()?;
+        let mut n = self.chain.allocated_bytes()?;
+        if let Some(o) = &self.overlay {
+            n = (n + o.data_bytes()).min(self.size());
+        }
         self.allocated.store(n, Ordering::Relaxed);
         Ok(n)
     }
@@ -68,15 +82,57 @@ impl Disk {
         let end = offset.saturating_add(size as u64).min(self.size());
         let n = end.saturating_sub(offset) as usize;
         buf.resize(n, 0);
-        if n > 0 {
-            self.chain.read(offset, buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let Some(ov) = &self.overlay else { return self.chain.read(offset, buf) };
+        for r in ov.runs(offset, n as u64) {
+            let b = &mut buf[(r.start - offset) as usize..(r.start - offset + r.len) as usize];
+            match r.state {
+                State::Chain => self.chain.read(r.start, b)?,
+                State::Data => ov.read_data(r.start, b)?,
+                State::Zero => b.fill(0),
+                State::Invalid => {
+                    return Err(Error::corrupt(format!("overlay map entry at virtual {:#x} is invalid", r.start))
+                        .in_file(ov.path().display()));
+                }
+            }
         }
         Ok(())
     }
 
-    /// Writes need an overlay; without one the disk is read-only.
-    pub fn write(&self, _offset: u64, _data: &[u8]) -> Result<usize> {
-        Err(Error::new(Kind::ReadOnly, "read-only disk (mount with --overlay FILE to make it writable)"))
+    fn overlay_for_write(&self) -> Result<&Overlay> {
+        self.overlay
+            .as_ref()
+            .filter(|o| o.writable())
+            .ok_or_else(|| Error::new(Kind::ReadOnly, "read-only disk (mount with --overlay FILE to make it writable)"))
+    }
+
+    fn fill(&self) -> impl Fn(u64, &mut [u8]) -> Result<()> + '_ {
+        |off, buf| self.chain.read(off, buf)
+    }
+
+    /// Writes `data` at `offset` into the overlay. Never touches the chain's sources.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<usize> {
+        let ov = self.overlay_for_write()?;
+        if offset.saturating_add(data.len() as u64) > self.size() {
+            return Err(Error::new(Kind::Usage, "write past the end of the disk"));
+        }
+        ov.write(offset, data, &self.fill())?;
+        Ok(data.len())
+    }
+
+    /// Makes a range read as zeros (discard / punch hole / zero range).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.overlay_for_write()?.discard(offset, len, &self.fill())
+    }
+
+    /// Makes every acknowledged write durable.
+    pub fn flush(&self) -> Result<()> {
+        match &self.overlay {
+            Some(o) => o.checkpoint(),
+            None => Ok(()),
+        }
     }
 
     /// SEEK_DATA: the first data offset at or after `offset`, `None` past the last data (ENXIO).
@@ -84,7 +140,21 @@ impl Disk {
         if offset >= self.size() {
             return Ok(None);
         }
-        self.chain.next_data(offset)
+        let Some(ov) = &self.overlay else { return self.chain.next_data(offset) };
+        for r in ov.runs(offset, self.size() - offset) {
+            match r.state {
+                State::Data | State::Invalid => return Ok(Some(r.start)),
+                State::Zero => {}
+                State::Chain => {
+                    if let Some(d) = self.chain.next_data(r.start)?
+                        && d < r.start + r.len
+                    {
+                        return Ok(Some(d));
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// SEEK_HOLE: the first hole at or after `offset` (the end of the disk is one), `None` past it.
@@ -92,6 +162,19 @@ impl Disk {
         if offset >= self.size() {
             return Ok(None);
         }
-        self.chain.next_hole(offset).map(Some)
+        let Some(ov) = &self.overlay else { return self.chain.next_hole(offset).map(Some) };
+        for r in ov.runs(offset, self.size() - offset) {
+            match r.state {
+                State::Zero => return Ok(Some(r.start)),
+                State::Data | State::Invalid => {}
+                State::Chain => {
+                    let h = self.chain.next_hole(r.start)?;
+                    if h < r.start + r.len {
+                        return Ok(Some(h));
+                    }
+                }
+            }
+        }
+        Ok(Some(self.size()))
     }
 }

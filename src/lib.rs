@@ -19,9 +19,11 @@ pub mod chain;
 pub mod cli;
 pub mod disk;
 pub mod error;
+pub mod export;
 pub mod formats;
 pub mod fs;
 pub mod layer;
+pub mod overlay;
 pub mod source;
 pub mod testkit;
 

@@ -112,6 +112,15 @@ impl VdiskFs {
         self.getattr(FIRST_DISK + i as u64)
     }
 
+    /// `truncate`/`setattr` of the size: only the current size is accepted (a disk has a fixed size).
+    pub fn setattr_size(&self, ino: u64, size: u64) -> Result<Attr> {
+        let a = self.getattr(ino)?;
+        if a.kind == NodeKind::File && size != a.size {
+            return Err(Error::new(Kind::Denied, "the size of a disk is fixed"));
+        }
+        Ok(a)
+    }
+
     /// Entries of the root directory (after `.` and `..`).
     pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, NodeKind, String)>> {
         if ino != ROOT {
@@ -144,6 +153,44 @@ impl VdiskFs {
 
     pub fn write(&self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
         self.disk(ino)?.write(offset, data)
+    }
+
+    /// fsync / fdatasync / flush: every acknowledged write becomes durable.
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        if ino == ROOT {
+            return Ok(());
+        }
+        self.disk(ino)?.flush()
+    }
+
+    /// Checkpoints every overlay (unmount, periodic background flush).
+    pub fn flush_all(&self) -> Result<()> {
+        for d in &self.disks {
+            d.flush()?;
+        }
+        Ok(())
+    }
+
+    /// `fallocate`: PUNCH_HOLE (with KEEP_SIZE) and ZERO_RANGE make the range read as zeros; a
+    /// plain allocation inside the disk is a no-op (the space exists); anything that would change
+    /// the size is refused.
+    pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let d = self.disk(ino)?;
+        let end = offset.checked_add(len).ok_or_else(|| Error::new(Kind::Usage, "range overflows"))?;
+        let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
+        let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let known = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if mode & !known != 0 || (punch && !keep) {
+            return Err(Error::unsupported(format!("fallocate mode {mode:#x} is not supported")));
+        }
+        if end > d.size() && !keep {
+            return Err(Error::new(Kind::Usage, "the disk size is fixed"));
+        }
+        if punch || zero {
+            return d.discard(offset, len);
+        }
+        if d.writable() { Ok(()) } else { d.write(0, &[]).map(|_| ()) }
     }
 
     /// SEEK_DATA / SEEK_HOLE. `None` means ENXIO (no data at or after `offset`, or past the end).

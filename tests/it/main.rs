@@ -4,6 +4,7 @@ mod common;
 
 mod cli;
 mod corpus;
+mod overlay;
 mod vhd;
 mod vhd_bad;
 mod vhdx;

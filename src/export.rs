@@ -1,0 +1,378 @@
+//! `vdiskfs export`: the merged disk (chain + overlay) written to a file or block device.
+//!
+//! Ranges are copied by several threads in 4 MiB pieces. When the target is new or known to be
+//! zeroed, holes and all-zero pieces are skipped; otherwise holes are zeroed with
+//! `FALLOC_FL_ZERO_RANGE` (files) or `BLKZEROOUT` (block devices), falling back to writing zeros.
+//! The target is checked first: a block device is opened exclusively (which fails if it is
+//! mounted or held), a regular file must not be attached to a loop device, neither may be one of
+//! the sources, and it must be at least as large as the disk.
+
+use std::fs::{File, OpenOptions};
+use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::disk::Disk;
+use crate::error::{Error, Kind, Result};
+
+const PIECE: u64 = 4 << 20;
+
+/// What to do.
+#[derive(Debug, Clone)]
+pub struct ExportConfig {
+    pub target: PathBuf,
+    /// The target already reads as zeros: holes need not be written.
+    pub target_zeroed: bool,
+    pub verify: bool,
+    pub threads: usize,
+    /// Show a progress bar (only when stderr is a terminal).
+    pub progress: bool,
+}
+
+/// What was done.
+#[derive(Debug, Clone, Default)]
+pub struct ExportStats {
+    pub written: u64,
+    pub skipped: u64,
+    pub zeroed: u64,
+    pub elapsed: Duration,
+    pub verified: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Job {
+    /// Copy (a piece of) a data range.
+    Copy(u64, u64),
+    /// Make a hole read as zeros on a target that is not known to be zeroed.
+    Zero(u64, u64),
+}
+
+struct Target {
+    file: File,
+    block_device: bool,
+    created: bool,
+}
+
+fn err(target: &Path, msg: impl Into<String>) -> Error {
+    Error::new(Kind::Denied, msg).in_file(target.display())
+}
+
+/// Loop devices whose backing file is `path`.
+fn loop_devices_backed_by(path: &Path) -> Vec<String> {
+    let Ok(canon) = std::fs::canonicalize(path) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let bf = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            (Path::new(bf.trim()) == canon).then(|| format!("/dev/{name}"))
+        })
+        .collect()
+}
+
+fn open_target(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Target> {
+    let t = &cfg.target;
+    let size = disk.size();
+    match std::fs::metadata(t) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .open(t)
+                .map_err(|e| Error::io("cannot create target", e).in_file(t.display()))?;
+            file.set_len(size).map_err(|e| Error::io("cannot size target", e).in_file(t.display()))?;
+            Ok(Target { file, block_device: false, created: true })
+        }
+        Err(e) => Err(Error::io("cannot stat target", e).in_file(t.display())),
+        Ok(md) => {
+            let ft = md.file_type();
+            if !(ft.is_file() || ft.is_block_device()) {
+                return Err(err(t, "target is neither a regular file nor a block device"));
+            }
+            for s in sources {
+                if let Ok(smd) = std::fs::metadata(s)
+                    && smd.dev() == md.dev()
+                    && smd.ino() == md.ino()
+                {
+                    return Err(err(t, format!("target is the source {}; sources are never written", s.display())));
+                }
+            }
+            if ft.is_file() {
+                let loops = loop_devices_backed_by(t);
+                if !loops.is_empty() {
+                    return Err(err(t, format!("target is attached to {}; detach it first", loops.join(", "))));
+                }
+            }
+            // O_EXCL on a block device is an exclusive open: it fails if the device is mounted,
+            // holds a mounted partition, or is claimed by device-mapper or md.
+            let mut oo = OpenOptions::new();
+            oo.read(true).write(true);
+            if ft.is_block_device() {
+                oo.custom_flags(libc::O_EXCL);
+            }
+            let file = oo.open(t).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EBUSY) {
+                    err(t, "target is in use (mounted, or held by another program); refusing to write it")
+                } else {
+                    Error::io("cannot open target", e).in_file(t.display())
+                }
+            })?;
+            let len =
+                (&file).seek_end().map_err(|e| Error::io("cannot find the target's size", e).in_file(t.display()))?;
+            if len < size {
+                return Err(err(t, format!("target is {len} bytes, smaller than the disk ({size} bytes)")));
+            }
+            Ok(Target { file, block_device: ft.is_block_device(), created: false })
+        }
+    }
+}
+
+trait SeekEnd {
+    fn seek_end(self) -> std::io::Result<u64>;
+}
+impl SeekEnd for &File {
+    fn seek_end(self) -> std::io::Result<u64> {
+        use std::io::Seek;
+        let mut f = self;
+        f.seek(std::io::SeekFrom::End(0))
+    }
+}
+
+/// Data ranges of the disk, from SEEK_DATA/SEEK_HOLE on the merged view.
+fn data_ranges(disk: &Disk) -> Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(d) = disk.seek_data(pos)? {
+        let h = disk.seek_hole(d)?.unwrap_or(disk.size());
+        out.push((d, h - d));
+        pos = h;
+    }
+    Ok(out)
+}
+
+fn zero_range(t: &Target, off: u64, len: u64) -> std::io::Result<()> {
+    let fd = t.file.as_raw_fd();
+    let done = if t.block_device {
+        let range: [u64; 2] = [off, len];
+        // BLKZEROOUT = _IO(0x12, 127)
+        // SAFETY: ioctl with a pointer to two u64, as BLKZEROOUT expects.
+        unsafe { libc::ioctl(fd, 0x127f, range.as_ptr()) == 0 }
+    } else {
+        // SAFETY: fallocate on an owned descriptor.
+        unsafe {
+            libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, off as i64, len as i64) == 0
+        }
+    };
+    if done {
+        return Ok(());
+    }
+    let zeros = vec![0u8; PIECE as usize];
+    let mut p = off;
+    while p < off + len {
+        let n = (off + len - p).min(PIECE) as usize;
+        t.file.write_all_at(&zeros[..n], p)?;
+        p += n as u64;
+    }
+    Ok(())
+}
+
+fn progress_bar(total: u64, show: bool, msg: &str) -> indicatif::ProgressBar {
+    if !show || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new(total);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    pb
+}
+
+/// Exports `disk` to `cfg.target`. `sources` are the image files (never to be the target).
+pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<ExportStats> {
+    let started = Instant::now();
+    let target = open_target(disk, cfg, sources)?;
+    let zeroed = cfg.target_zeroed || target.created;
+    let size = disk.size();
+    // Plan: data ranges are copied; holes are zeroed unless the target is already zero.
+    let data = data_ranges(disk)?;
+    let mut jobs = Vec::new();
+    let mut pos = 0;
+    for &(s, l) in &data {
+        if s > pos && !zeroed {
+            jobs.push(Job::Zero(pos, s - pos));
+        }
+        let mut p = s;
+        while p < s + l {
+            let n = (s + l - p).min(PIECE);
+            jobs.push(Job::Copy(p, n));
+            p += n;
+        }
+        pos = s + l;
+    }
+    if pos < size && !zeroed {
+        jobs.push(Job::Zero(pos, size - pos));
+    }
+    let total: u64 = jobs
+        .iter()
+        .map(|j| match j {
+            Job::Copy(_, n) | Job::Zero(_, n) => *n,
+        })
+        .sum();
+    let pb = progress_bar(total, cfg.progress, "export");
+    let (tx, rx) = crossbeam::channel::unbounded::<(usize, Job)>();
+    for (i, j) in jobs.iter().enumerate() {
+        let _ = tx.send((i, *j));
+    }
+    drop(tx);
+    let done: Vec<AtomicBool> = (0..jobs.len()).map(|_| AtomicBool::new(false)).collect();
+    let (written, skipped, zeroed_bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let stop = AtomicBool::new(false);
+    let failure: Mutex<Option<(u64, Error)>> = Mutex::new(None);
+    let target = Arc::new(target);
+    std::thread::scope(|s| {
+        for _ in 0..cfg.threads.max(1) {
+            s.spawn(|| {
+                let mut buf = Vec::new();
+                while let Ok((i, job)) = rx.recv() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let r: Result<()> = match job {
+                        Job::Copy(off, n) => disk.read_into(off, n as usize, &mut buf).and_then(|()| {
+                            if zeroed && buf.iter().all(|&b| b == 0) {
+                                skipped.fetch_add(n, Ordering::Relaxed);
+                                Ok(())
+                            } else {
+                                target.file.write_all_at(&buf, off).map_err(|e| {
+                                    Error::io(format!("writing {n} bytes at {off:#x}"), e).in_file(cfg.target.display())
+                                })?;
+                                written.fetch_add(n, Ordering::Relaxed);
+                                Ok(())
+                            }
+                        }),
+                        Job::Zero(off, n) => zero_range(&target, off, n)
+                            .map(|()| {
+                                zeroed_bytes.fetch_add(n, Ordering::Relaxed);
+                            })
+                            .map_err(|e| {
+                                Error::io(format!("zeroing {n} bytes at {off:#x}"), e).in_file(cfg.target.display())
+                            }),
+                    };
+                    match r {
+                        Ok(()) => {
+                            done[i].store(true, Ordering::Release);
+                            pb.inc(match job {
+                                Job::Copy(_, n) | Job::Zero(_, n) => n,
+                            });
+                        }
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            let at = match job {
+                                Job::Copy(o, _) | Job::Zero(o, _) => o,
+                            };
+                            let mut f = failure.lock();
+                            if f.as_ref().is_none_or(|(o, _)| at < *o) {
+                                *f = Some((at, e));
+                            }
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    pb.finish_and_clear();
+    if let Some((at, e)) = failure.into_inner() {
+        // Everything below the first unfinished job was written completely.
+        let complete_upto = jobs
+            .iter()
+            .zip(&done)
+            .find(|(_, d)| !d.load(Ordering::Acquire))
+            .map(|(j, _)| match j {
+                Job::Copy(o, _) | Job::Zero(o, _) => *o,
+            })
+            .unwrap_or(size);
+        let _ = target.file.sync_all();
+        return Err(Error::new(
+            e.kind(),
+            format!(
+                "export failed at {at:#x}: {e}; the target is INCOMPLETE: everything below {complete_upto:#x} was written ({} bytes of data in all)",
+                written.load(Ordering::Relaxed)
+            ),
+        )
+        .in_file(cfg.target.display()));
+    }
+    target.file.sync_all().map_err(|e| Error::io("syncing target", e).in_file(cfg.target.display()))?;
+    let mut stats = ExportStats {
+        written: written.into_inner(),
+        skipped: skipped.into_inner(),
+        zeroed: zeroed_bytes.into_inner(),
+        elapsed: started.elapsed(),
+        verified: false,
+    };
+    if cfg.verify {
+        verify(disk, &target.file, cfg)?;
+        stats.verified = true;
+    }
+    Ok(stats)
+}
+
+/// Re-reads the target and compares it with the disk, piece by piece, in parallel.
+fn verify(disk: &Disk, target: &File, cfg: &ExportConfig) -> Result<()> {
+    let size = disk.size();
+    let pieces = size.div_ceil(PIECE);
+    let pb = progress_bar(size, cfg.progress, "verify");
+    let next = AtomicU64::new(0);
+    let bad: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..cfg.threads.max(1) {
+            s.spawn(|| {
+                let (mut a, mut b) = (Vec::new(), vec![0u8; PIECE as usize]);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= pieces || bad.lock().is_some() {
+                        break;
+                    }
+                    let off = i * PIECE;
+                    let n = (size - off).min(PIECE) as usize;
+                    let r = disk.read_into(off, n, &mut a).and_then(|()| {
+                        target
+                            .read_exact_at(&mut b[..n], off)
+                            .map_err(|e| Error::io(format!("re-reading {off:#x}"), e).in_file(cfg.target.display()))?;
+                        match a.iter().zip(&b[..n]).position(|(x, y)| x != y) {
+                            None => Ok(()),
+                            Some(k) => Err(Error::corrupt(format!(
+                                "verify failed: the target differs from the disk at {:#x}",
+                                off + k as u64
+                            ))
+                            .in_file(cfg.target.display())),
+                        }
+                    });
+                    match r {
+                        Ok(()) => pb.inc(n as u64),
+                        Err(e) => {
+                            bad.lock().get_or_insert(e);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    pb.finish_and_clear();
+    match bad.into_inner() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
