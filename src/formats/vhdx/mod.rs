@@ -215,11 +215,12 @@ impl VhdxLayer {
         if let Some((s, e)) = log_region {
             reserved.push((s, e, "log"));
         }
-        let (m0, m1) = span(&meta_r);
-        if let Some((s, e, name)) = reserved[1..].iter().find(|(s, e, _)| *s < m1 && m0 < *e) {
-            return Err(CrateError::corrupt(format!(
-                "metadata region at {m0:#x}..{m1:#x} overlaps the {name} at {s:#x}..{e:#x}"
-            )));
+        for (i, (s0, e0, a)) in reserved.iter().enumerate() {
+            if let Some((s1, e1, b)) = reserved[i + 1..].iter().find(|(s1, e1, _)| s1 < e0 && s0 < e1) {
+                return Err(CrateError::corrupt(format!(
+                    "{a} at {s0:#x}..{e0:#x} overlaps the {b} at {s1:#x}..{e1:#x}"
+                )));
+            }
         }
 
         let meta = read_metadata(view.as_ref(), &meta_r)?;

@@ -72,6 +72,24 @@ fn region_table_crc_mismatch_is_refused() {
 }
 
 #[test]
+fn overlapping_regions_are_refused() {
+    let t = tmpdir();
+    let p = sample(t.path(), "overlap.vhdx");
+    // Move the BAT region (entry 0 of both region tables) onto the metadata region.
+    let rt = [(192usize << 10, 64usize << 10), (256 << 10, 64 << 10)];
+    patch(
+        &p,
+        |b| {
+            for (at, _) in rt {
+                b[at + 32..at + 40].copy_from_slice(&(2 * MIB).to_le_bytes());
+            }
+        },
+        &rt,
+    );
+    refused(&p, &p, &["metadata region at 0x200000..0x300000 overlaps the BAT region"]);
+}
+
+#[test]
 fn bat_entry_past_end_of_file_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "bat.vhdx");
