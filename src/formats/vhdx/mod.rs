@@ -1,13 +1,561 @@
-//! VHDX: not implemented yet.
+//! VHDX and AVHDX: Microsoft [MS-VHDX] "Virtual Hard Disk v2 (VHDX) File Format", fixed, dynamic
+//! and differencing disks (Hyper-V checkpoints are `.avhdx` differencing files).
+//!
+//! Supported: the file type identifier (2.2.1); both headers with CRC-32C, the current one being
+//! the valid header with the higher sequence number, so one torn header does not fail the open
+//! (2.2.2); the region table with CRC-32C, the second copy used when the first is damaged (2.2.3);
+//! the metadata table and the known items: block size and flags, virtual disk size, page 83 id,
+//! logical sector size 512 and 4096, physical sector size, the VHDX parent locator with
+//! `parent_linkage`, `parent_linkage2`, `relative_path`, `volume_path` and `absolute_win32_path`
+//! (2.6); the BAT with payload entries interleaved with sector bitmap entries by the chunk ratio,
+//! and every payload state (2.5): NOT_PRESENT and UNDEFINED read the parent in a differencing
+//! disk and zeros otherwise, ZERO and UNMAPPED read zeros that mask the parent, FULLY_PRESENT
+//! reads the block, PARTIALLY_PRESENT reads sector by sector through the sector bitmap (bit 0 of
+//! byte 0 first, 2.4). A non-empty log (2.3) is replayed **in memory**: the active sequence's
+//! data and zero descriptors form an overlay that every read of region table, metadata, BAT and
+//! payload goes through; the source is never written.
+//!
+//! The parent must carry `parent_linkage` (or `parent_linkage2`) as its DataWriteGuid.
+//!
+//! Refused, with one line naming the file and the structure: no `vhdxfile` signature; both headers
+//! invalid; a header version other than 1 or a log version other than 0; both region table
+//! copies invalid; a missing BAT or metadata region or an unknown required region or metadata
+//! item; a block size that is not a power of two in 1–256 MiB; a logical or physical sector size
+//! other than 512 or 4096; a virtual size over 64 TiB; a BAT smaller than the disk needs; a BAT
+//! entry with a reserved state, a PARTIALLY_PRESENT entry in a disk without parent or without its
+//! sector bitmap, or a block past the end of the file or overlapping the header section, the
+//! metadata region, the BAT or the log; a log without a valid sequence, a log whose newest
+//! sequence holds an entry with a bad checksum, a log saying the file was truncated, a dirty log
+//! over 64 MiB; a differencing disk without a valid `parent_linkage`.
 
+mod bat;
+mod header;
+mod log;
+mod metadata;
+mod view;
+
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 
+use lru::LruCache;
+use parking_lot::Mutex;
+
+use self::bat::{Geometry, Stats};
+use self::header::{Guid, HEADER_SECTION, Header, Region, guid};
+use self::metadata::Metadata;
+use super::table::PagedTable;
 use crate::chain::OpenConfig;
-use crate::error::{Error, Result};
-use crate::layer::Layer;
-use crate::source::Source;
+use crate::error::{Error as CrateError, Kind, Result};
+use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span, fmt_guid_le};
+use crate::source::{Location, Source};
+
+pub use self::header::parse_guid;
+
+/// What can be wrong with a VHDX's structures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{what} has bad signature {found:02x?}")]
+    Signature { what: &'static str, found: Vec<u8> },
+    #[error("{what} checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { what: &'static str, stored: u32, computed: u32 },
+    #[error("{what}: {count} is more than the {max} allowed")]
+    TooMany { what: &'static str, count: u64, max: u64 },
+    #[error("unsupported {what} version {found} (vdiskfs reads version {supported})")]
+    Version { what: &'static str, found: u16, supported: u16 },
+    #[error("unknown required {what} {{{guid}}}")]
+    UnknownRequired { what: &'static str, guid: String },
+    #[error("metadata item {0} is missing")]
+    MissingItem(String),
+    #[error("metadata item {what} {msg}")]
+    Item { what: String, msg: String },
+    #[error("impossible block size {0} (must be a power of two from 1 MiB to 256 MiB)")]
+    BlockSize(u32),
+    #[error("unsupported logical sector size {0} (must be 512 or 4096)")]
+    LogicalSectorSize(u32),
+    #[error("unsupported physical sector size {0} (must be 512 or 4096)")]
+    PhysicalSectorSize(u32),
+    #[error("virtual disk size {0} exceeds the VHDX maximum of 64 TiB")]
+    VirtualSize(u64),
+    #[error("unsupported parent locator type {{{0}}} (only the VHDX locator b04aefb7-d19e-4a81-b789-25b8e9445913)")]
+    LocatorType(String),
+    #[error("log entry at log offset {at:#x} (sequence {sequence}): {reason}; {consequence}")]
+    LogEntry { at: u64, sequence: u64, reason: String, consequence: String },
+    #[error("the header announces a log but it holds no valid sequence: {0}")]
+    NoLogSequence(String),
+    #[error("log says the file was at least {flushed:#x} bytes but it is {len:#x}: truncated")]
+    LogTruncated { flushed: u64, len: u64 },
+}
+
+impl From<Error> for CrateError {
+    fn from(e: Error) -> Self {
+        let kind = match e {
+            Error::Version { .. } | Error::UnknownRequired { .. } | Error::LocatorType(_) => Kind::Unsupported,
+            Error::LogicalSectorSize(_) | Error::PhysicalSectorSize(_) => Kind::Unsupported,
+            _ => Kind::Corrupt,
+        };
+        CrateError::new(kind, e.to_string())
+    }
+}
+
+pub const BAT_REGION: Guid = guid(0x2DC27766, 0xF623, 0x4200, [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]);
+pub const METADATA_REGION: Guid = guid(0x8B7CA206, 0x4790, 0x4B9A, [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E]);
+/// BAT pages cached per layer (64 KiB each: 8192 entries, 8 GiB of a 1 MiB-block disk).
+const BAT_PAGES: usize = 16;
+/// Bytes of sector bitmaps cached per layer.
+const BITMAP_CACHE_BYTES: usize = 2 << 20;
 
 /// Opens one VHDX layer.
 pub fn open(src: Arc<dyn Source>, _cfg: &OpenConfig) -> Result<Arc<dyn Layer>> {
-    Err(Error::unsupported("VHDX images are not supported yet").in_file(src.location()))
+    Ok(Arc::new(VhdxLayer::open(src)?))
+}
+
+/// Facts kept for `info`.
+#[derive(Debug, Clone)]
+struct Facts {
+    creator: String,
+    header_index: usize,
+    header: Header,
+    other_header: std::result::Result<u64, String>,
+    region_copy: usize,
+    region_note: Option<String>,
+    log: Option<log::Summary>,
+    stats: Stats,
+}
+
+/// A VHDX of any type.
+#[derive(Debug)]
+pub struct VhdxLayer {
+    /// The file as the replayed log makes it (the file itself when the log is empty).
+    view: Arc<dyn Source>,
+    meta: Metadata,
+    geo: Geometry,
+    bat: PagedTable,
+    parent: Option<ParentRef>,
+    bitmaps: Mutex<LruCache<u64, Arc<[u8]>>>,
+    facts: Facts,
+}
+
+/// What a payload entry means for reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Absent,
+    Zero,
+    Full(u64),
+    Partial(u64),
+}
+
+impl VhdxLayer {
+    pub fn open(src: Arc<dyn Source>) -> Result<VhdxLayer> {
+        let loc = src.location().clone();
+        Self::open_inner(src).map_err(|e| e.in_file(&loc))
+    }
+
+    fn open_inner(src: Arc<dyn Source>) -> Result<VhdxLayer> {
+        let len = src.len()?;
+        if len < HEADER_SECTION {
+            return Err(CrateError::corrupt(format!(
+                "too small to be a VHDX ({len} bytes; the header section alone is 1 MiB)"
+            )));
+        }
+        let creator = header::parse_file_id(&src.read_vec(0, 520)?)?;
+        let mut hs = Vec::new();
+        for at in header::HEADER_OFFSETS {
+            hs.push(Header::parse(&src.read_vec(at, header::HEADER_SIZE)?));
+        }
+        let hs: [std::result::Result<Header, Error>; 2] = [hs.remove(0), hs.remove(0)];
+        let Some(cur) = header::current(&hs) else {
+            let why = |i: usize| hs[i].as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+            return Err(CrateError::corrupt(format!(
+                "both headers are invalid: header 1 at {:#x}: {}; header 2 at {:#x}: {}",
+                header::HEADER_OFFSETS[0],
+                why(0),
+                header::HEADER_OFFSETS[1],
+                why(1)
+            )));
+        };
+        let h = hs[cur].as_ref().map_err(|_| CrateError::corrupt("internal: current header"))?.clone();
+        let other_header = match &hs[1 - cur] {
+            Ok(o) => Ok(o.sequence),
+            Err(e) => {
+                ::log::info!("{}: header {} is invalid ({e}); using header {}", src.location(), 2 - cur, cur + 1);
+                Err(e.to_string())
+            }
+        };
+        if h.version != 1 {
+            return Err(Error::Version { what: "header", found: h.version, supported: 1 }.into());
+        }
+        let log_region = (h.log_length > 0).then_some((h.log_offset, h.log_offset.saturating_add(h.log_length as u64)));
+        let (view, log_summary) = if h.has_log() { replay_log(&src, &h, len)? } else { (src.clone(), None) };
+        let view_len = view.len()?;
+
+        let (regions, region_copy, region_note) = read_regions(view.as_ref())?;
+        if let Some(r) = regions.iter().find(|r| r.required && r.guid != BAT_REGION && r.guid != METADATA_REGION) {
+            return Err(Error::UnknownRequired { what: "region", guid: fmt_guid_le(&r.guid) }.into());
+        }
+        let find = |g: Guid, name: &'static str| -> Result<Region> {
+            let r = regions
+                .iter()
+                .find(|r| r.guid == g)
+                .cloned()
+                .ok_or_else(|| CrateError::corrupt(format!("region table has no {name}")))?;
+            let end = r.offset.saturating_add(r.length as u64);
+            if r.offset < HEADER_SECTION || end > view_len {
+                return Err(CrateError::corrupt(format!(
+                    "{name} at {:#x}..{end:#x} is outside the file's data area ({HEADER_SECTION:#x}..{view_len:#x})",
+                    r.offset
+                )));
+            }
+            Ok(r)
+        };
+        let bat_r = find(BAT_REGION, "BAT region")?;
+        let meta_r = find(METADATA_REGION, "metadata region")?;
+        let span = |r: &Region| (r.offset, r.offset + r.length as u64);
+        let mut reserved: Vec<bat::Reserved> =
+            vec![(span(&meta_r).0, span(&meta_r).1, "metadata region"), (span(&bat_r).0, span(&bat_r).1, "BAT region")];
+        if let Some((s, e)) = log_region {
+            reserved.push((s, e, "log"));
+        }
+        for (i, (s0, e0, a)) in reserved.iter().enumerate() {
+            if let Some((s1, e1, b)) = reserved[i + 1..].iter().find(|(s1, e1, _)| s1 < e0 && s0 < e1) {
+                return Err(CrateError::corrupt(format!(
+                    "{a} at {s0:#x}..{e0:#x} overlaps the {b} at {s1:#x}..{e1:#x}"
+                )));
+            }
+        }
+
+        let meta = read_metadata(view.as_ref(), &meta_r)?;
+        let geo = Geometry::new(meta.block_size as u64, meta.logical_sector as u64, meta.virtual_size, meta.has_parent);
+        if geo.entries() * 8 > bat_r.length as u64 {
+            return Err(CrateError::corrupt(format!(
+                "BAT region at {:#x} holds {} entries but a disk of {} bytes with {}-byte blocks needs {}",
+                bat_r.offset,
+                bat_r.length / 8,
+                meta.virtual_size,
+                meta.block_size,
+                geo.entries()
+            )));
+        }
+        let table = PagedTable::new(view.clone(), bat_r.offset, geo.entries(), 8, false, BAT_PAGES);
+        let stats = bat::validate(&table, &geo, view_len, &reserved)?;
+        let parent = if meta.has_parent { Some(parent_ref(&meta)?) } else { None };
+        let per_block = (geo.sectors_per_block() / 8).max(1) as usize;
+        let cap = NonZeroUsize::new((BITMAP_CACHE_BYTES / per_block).max(16)).expect("non-zero");
+        Ok(VhdxLayer {
+            view,
+            meta,
+            geo,
+            bat: table,
+            parent,
+            bitmaps: Mutex::new(LruCache::new(cap)),
+            facts: Facts {
+                creator,
+                header_index: cur,
+                header: h,
+                other_header,
+                region_copy,
+                region_note,
+                log: log_summary,
+                stats,
+            },
+        })
+    }
+
+    /// The current header's DataWriteGuid (what a child's `parent_linkage` names).
+    pub fn data_write_guid(&self) -> Guid {
+        self.facts.header.data_write_guid
+    }
+
+    fn class(&self, block: u64) -> Result<Class> {
+        let e = self.bat.get(self.geo.payload_index(block))?;
+        let off = bat::file_offset(e);
+        Ok(match bat::state(e) {
+            bat::NOT_PRESENT | bat::UNDEFINED => Class::Absent,
+            bat::ZERO | bat::UNMAPPED => Class::Zero,
+            bat::FULLY_PRESENT => Class::Full(off),
+            bat::PARTIALLY_PRESENT if self.meta.has_parent => Class::Partial(off),
+            s => {
+                return Err(CrateError::corrupt(format!(
+                    "BAT entry for block {block} has state {s} ({}), not valid here",
+                    bat::state_name(s)
+                ))
+                .in_file(self.location()));
+            }
+        })
+    }
+
+    /// The part of the chunk's sector bitmap that covers `block`.
+    fn bitmap(&self, block: u64) -> Result<Arc<[u8]>> {
+        if let Some(b) = self.bitmaps.lock().get(&block).cloned() {
+            return Ok(b);
+        }
+        let chunk = block / self.geo.chunk_ratio;
+        let e = self.bat.get(self.geo.bitmap_index(chunk))?;
+        if bat::state(e) != bat::SB_PRESENT {
+            return Err(CrateError::corrupt(format!(
+                "block {block} is PARTIALLY_PRESENT but the sector bitmap of chunk {chunk} is not present"
+            ))
+            .in_file(self.location()));
+        }
+        let (at, n) = self.geo.bitmap_slice(block);
+        let b: Arc<[u8]> = self.view.read_vec(bat::file_offset(e) + at, n)?.into();
+        self.bitmaps.lock().put(block, b.clone());
+        Ok(b)
+    }
+
+    fn subformat(&self) -> &'static str {
+        if self.meta.has_parent {
+            "differencing"
+        } else if self.meta.leave_block_allocated {
+            "fixed"
+        } else {
+            "dynamic"
+        }
+    }
+}
+
+/// Replays a non-empty log into an in-memory view of the file.
+fn replay_log(src: &Arc<dyn Source>, h: &Header, len: u64) -> Result<(Arc<dyn Source>, Option<log::Summary>)> {
+    let (off, n) = (h.log_offset, h.log_length as u64);
+    if h.log_version != 0 {
+        return Err(Error::Version { what: "log", found: h.log_version, supported: 0 }.into());
+    }
+    if off < HEADER_SECTION || !off.is_multiple_of(1 << 20) || !n.is_multiple_of(1 << 20) {
+        return Err(CrateError::corrupt(format!(
+            "log at {off:#x} (+{n:#x}) is not a 1 MiB-aligned area after the header section"
+        )));
+    }
+    if n > log::MAX_LOG as u64 {
+        return Err(CrateError::unsupported(format!(
+            "the log to replay is {} MiB; vdiskfs replays logs of at most {} MiB",
+            n >> 20,
+            log::MAX_LOG >> 20
+        )));
+    }
+    if off + n > len {
+        return Err(CrateError::corrupt(format!(
+            "log at {off:#x}..{:#x} is past the end of the file ({len:#x})",
+            off + n
+        )));
+    }
+    let bytes = src.read_vec(off, n as usize)?;
+    let (overlay, new_len, summary) =
+        log::replay(&bytes, &h.log_guid, len).map_err(|e| prefixed(e, &format!("log at {off:#x}: ")))?;
+    ::log::info!(
+        "{}: replayed {} log entries (sequence {}..{}) in memory",
+        src.location(),
+        summary.entries,
+        summary.first_sequence,
+        summary.last_sequence
+    );
+    Ok((Arc::new(view::Replayed::new(src.clone(), overlay, len, new_len)), Some(summary)))
+}
+
+/// Reads the region table, falling back to the second copy. Returns the entries, which copy
+/// was used (1 or 2) and why the first was not.
+fn read_regions(view: &dyn Source) -> Result<(Vec<Region>, usize, Option<String>)> {
+    let [a, b] = header::REGION_OFFSETS;
+    let first = header::parse_regions(&view.read_vec(a, header::REGION_SIZE)?);
+    let first_err = match first {
+        Ok(r) => return Ok((r, 1, None)),
+        Err(e) => e,
+    };
+    match header::parse_regions(&view.read_vec(b, header::REGION_SIZE)?) {
+        Ok(r) => {
+            ::log::warn!(
+                "{}: region table at {a:#x} is invalid ({first_err}); using the copy at {b:#x}",
+                view.location()
+            );
+            Ok((r, 2, Some(format!("copy at {a:#x} invalid: {first_err}"))))
+        }
+        Err(e) => Err(CrateError::corrupt(format!("{first_err} at {a:#x}; the copy at {b:#x} is also invalid: {e}"))),
+    }
+}
+
+/// Reads the metadata table and the items it knows.
+fn read_metadata(view: &dyn Source, r: &Region) -> Result<Metadata> {
+    if (r.length as usize) < metadata::TABLE_SIZE {
+        return Err(CrateError::corrupt(format!("metadata region at {:#x} is only {} bytes", r.offset, r.length)));
+    }
+    let ctx = |e: Error| prefixed(e, &format!("metadata region at {:#x}: ", r.offset));
+    let table = metadata::parse_table(&view.read_vec(r.offset, metadata::TABLE_SIZE)?, r.length as u64).map_err(ctx)?;
+    // Each known item is read once, and only as many bytes as it can use, so a crafted table
+    // cannot make the open read more than about 1 MiB.
+    let mut items: Vec<(metadata::Entry, Vec<u8>)> = Vec::with_capacity(table.len());
+    for e in table {
+        let first = e.known() && !items.iter().any(|(o, b)| o.id == e.id && !o.is_user && !b.is_empty());
+        let want = if e.id == metadata::PARENT_LOCATOR { e.length } else { e.length.min(16) };
+        let bytes = if first { view.read_vec(r.offset + e.offset as u64, want as usize)? } else { Vec::new() };
+        items.push((e, bytes));
+    }
+    Metadata::from_items(&items).map_err(ctx)
+}
+
+/// `e` as a crate error whose message starts with `prefix` (where in the file it was found).
+fn prefixed(e: Error, prefix: &str) -> CrateError {
+    let c = CrateError::from(e);
+    CrateError::new(c.kind(), format!("{prefix}{}", c.message()))
+}
+
+fn parent_ref(m: &Metadata) -> Result<ParentRef> {
+    let kv = m.locator.as_deref().unwrap_or_default();
+    let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    let linkage = get("parent_linkage");
+    let Some(first) = linkage.and_then(parse_guid) else {
+        return Err(CrateError::corrupt(format!(
+            "parent locator has no valid parent_linkage ({})",
+            linkage.map_or("missing".to_string(), |v| format!("'{v}'"))
+        )));
+    };
+    let mut expect = vec![Identity::VhdxDataWrite(first)];
+    if let Some(second) = get("parent_linkage2").and_then(parse_guid) {
+        expect.push(Identity::VhdxDataWrite(second));
+    }
+    let hints = ["relative_path", "volume_path", "absolute_win32_path"]
+        .into_iter()
+        .filter_map(|k| get(k).filter(|v| !v.is_empty()).map(|v| Hint { kind: k.into(), path: v.into() }))
+        .collect();
+    Ok(ParentRef { hints, expect })
+}
+
+impl Layer for VhdxLayer {
+    fn location(&self) -> &Location {
+        self.view.location()
+    }
+
+    fn virtual_size(&self) -> u64 {
+        self.meta.virtual_size
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Span> {
+        let bs = self.geo.block_size;
+        let block = offset / bs;
+        let in_blk = offset % bs;
+        let first = self.class(block)?;
+        let absent = if self.meta.has_parent { Span::parent } else { Span::zero };
+        let kind_of = |c: Class| match c {
+            Class::Absent => Some(absent(1).kind),
+            Class::Zero => Some(Span::zero(1).kind),
+            _ => None,
+        };
+        match first {
+            Class::Absent | Class::Zero => {
+                let kind = kind_of(first);
+                let mut len = bs - in_blk;
+                let mut b = block + 1;
+                while len < max_len && b < self.geo.data_blocks && kind_of(self.class(b)?) == kind {
+                    len += bs;
+                    b += 1;
+                }
+                let len = len.min(max_len);
+                Ok(if first == Class::Zero || !self.meta.has_parent { Span::zero(len) } else { Span::parent(len) })
+            }
+            Class::Full(off) => {
+                let mut len = bs - in_blk;
+                let mut b = block + 1;
+                while len < max_len && b < self.geo.data_blocks && self.class(b)? == Class::Full(off + (b - block) * bs)
+                {
+                    len += bs;
+                    b += 1;
+                }
+                Ok(Span::data(len.min(max_len), 0, off + in_blk))
+            }
+            Class::Partial(off) => {
+                let bitmap = self.bitmap(block)?;
+                let lss = self.geo.logical_sector;
+                let (set, run) = bat::bit_run(&bitmap, in_blk / lss, self.geo.sectors_per_block());
+                let len = ((in_blk / lss + run) * lss - in_blk).min(max_len);
+                Ok(if set { Span::data(len, 0, off + in_blk) } else { Span::parent(len) })
+            }
+        }
+    }
+
+    fn read(&self, _source: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.view.read_exact_at(buf, offset)
+    }
+
+    fn parent(&self) -> Option<&ParentRef> {
+        self.parent.as_ref()
+    }
+
+    fn identity(&self) -> Vec<Identity> {
+        vec![Identity::VhdxDataWrite(self.facts.header.data_write_guid)]
+    }
+
+    fn describe(&self) -> Result<LayerInfo> {
+        let f = &self.facts;
+        let st = &f.stats;
+        let h = &f.header;
+        let other = match &f.other_header {
+            Ok(seq) => format!("header {} valid (sequence {seq})", 2 - f.header_index),
+            Err(e) => format!("header {} invalid: {e}", 2 - f.header_index),
+        };
+        let mut details = vec![
+            ("creator".to_string(), if f.creator.is_empty() { "(empty)".to_string() } else { f.creator.clone() }),
+            ("header".to_string(), format!("{} of 2, sequence {}; {other}", f.header_index + 1, h.sequence)),
+            (
+                "region_table".to_string(),
+                match &f.region_note {
+                    None => format!("copy {}", f.region_copy),
+                    Some(n) => format!("copy {} ({n})", f.region_copy),
+                },
+            ),
+            (
+                "sector_size".to_string(),
+                format!(
+                    "logical {}, physical {}",
+                    self.meta.logical_sector,
+                    self.meta.physical_sector.map_or("not stored".to_string(), |p| p.to_string())
+                ),
+            ),
+            ("page83_id".to_string(), self.meta.disk_id.map_or("not stored".to_string(), |g| fmt_guid_le(&g))),
+            ("chunk_ratio".to_string(), self.geo.chunk_ratio.to_string()),
+            (
+                "bat_entries".to_string(),
+                format!(
+                    "{} for {} blocks: {} fully present, {} partially present, {} zero, {} unmapped, {} undefined, {} not present; {} sector bitmaps",
+                    self.geo.entries(),
+                    self.geo.data_blocks,
+                    st.fully_present,
+                    st.partially_present,
+                    st.zero,
+                    st.unmapped,
+                    st.undefined,
+                    st.not_present,
+                    st.bitmaps
+                ),
+            ),
+            (
+                "log".to_string(),
+                match &f.log {
+                    None if h.log_guid == [0; 16] => "empty (LogGuid is zero)".to_string(),
+                    None => "empty (log length 0)".to_string(),
+                    Some(s) => format!(
+                        "replayed in memory: {} entries, sequence {}..{}, {} data and {} zero descriptors (the file was not modified)",
+                        s.entries, s.first_sequence, s.last_sequence, s.data_descriptors, s.zero_descriptors
+                    ),
+                },
+            ),
+            ("file_write_guid".to_string(), fmt_guid_le(&h.file_write_guid)),
+        ];
+        if let Some(kv) = &self.meta.locator {
+            let keys: Vec<&str> = kv.iter().map(|(k, _)| k.as_str()).collect();
+            details.push(("locator_keys".to_string(), keys.join(", ")));
+        }
+        let parent = self.parent.as_ref().map(|p| ParentInfo {
+            expected_identity: p.expect.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" or "),
+            hints: p.hints.clone(),
+            resolved: None,
+        });
+        Ok(LayerInfo {
+            path: self.location().to_string(),
+            format: "vhdx",
+            subformat: self.subformat().into(),
+            virtual_size: self.meta.virtual_size,
+            block_size: self.geo.block_size,
+            identity: fmt_guid_le(&h.data_write_guid),
+            parent,
+            allocated_bytes: st.allocated() * self.geo.block_size,
+            details,
+        })
+    }
 }
