@@ -170,6 +170,9 @@ fn parse_extent(line: &str) -> Result<ExtentLine, Error> {
         None => (line, None, ""),
     };
     let words: Vec<&str> = head.split_whitespace().collect();
+    if words.len() > 3 && quoted.is_none() {
+        return Err(bad("the file name must be in double quotes"));
+    }
     if words.len() != 3 {
         return Err(bad("expected ACCESS SECTORS TYPE"));
     }
@@ -364,6 +367,7 @@ mod tests {
         assert!(e("RW x FLAT \"a\" 0").contains("not a number"));
         assert!(e("RW 8 FLAT \"a").contains("unterminated"));
         assert!(e("RW 8 SPARSE").contains("no file name"));
+        assert!(e("RW 8 VMFS x-flat.vmdk").contains("double quotes"));
         assert!(e("RW 8 SPARSE \"a\" 5").contains("only FLAT and VMFS"));
         assert!(e("RW 8 VMFSRDM \"a-rdm.vmdk\"").contains("raw device mapping"));
         assert!(e("RW 8 FOO \"a\"").contains("unknown extent type 'FOO'"));
