@@ -443,3 +443,109 @@ impl DeltaBuilder {
         Ok(())
     }
 }
+
+/// A stream-optimized extent as VMware's ovftool and VirtualBox export it: header version 3 with
+/// `gdOffset` = GD_AT_END, the descriptor at sector 1, deflate grains behind grain markers, then
+/// grain table and grain directory markers, a footer (the real header) and end-of-stream marker.
+/// All-zero grains are left out; a last grain cut by the capacity is compressed short.
+#[derive(Debug, Clone)]
+pub struct StreamBuilder {
+    size: u64,
+    grains: BTreeMap<u64, Vec<u8>>,
+    cid: u32,
+}
+
+const STREAM_GRAIN: u64 = 65536;
+
+impl StreamBuilder {
+    /// A disk of `size` bytes (whole sectors).
+    pub fn new(size: u64) -> Self {
+        assert!(size.is_multiple_of(SECTOR));
+        StreamBuilder { size, grains: BTreeMap::new(), cid: random_cid() }
+    }
+
+    /// Stores a whole disk image, keeping the grains that are not all zero.
+    pub fn from_raw(raw: &[u8]) -> Self {
+        let mut b = Self::new(raw.len() as u64);
+        for (g, chunk) in raw.chunks(STREAM_GRAIN as usize).enumerate() {
+            if chunk.iter().any(|&x| x != 0) {
+                b.grains.insert(g as u64, chunk.to_vec());
+            }
+        }
+        b
+    }
+
+    fn header(&self, gd_offset: u64, desc_sectors: u64) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        h[0..4].copy_from_slice(b"KDMV");
+        h[4..8].copy_from_slice(&3u32.to_le_bytes());
+        h[8..12].copy_from_slice(&0x0003_0001u32.to_le_bytes());
+        h[12..20].copy_from_slice(&(self.size / SECTOR).to_le_bytes());
+        h[20..28].copy_from_slice(&(STREAM_GRAIN / SECTOR).to_le_bytes());
+        h[28..36].copy_from_slice(&1u64.to_le_bytes());
+        h[36..44].copy_from_slice(&desc_sectors.to_le_bytes());
+        h[44..48].copy_from_slice(&512u32.to_le_bytes());
+        h[56..64].copy_from_slice(&gd_offset.to_le_bytes());
+        h[64..72].copy_from_slice(&128u64.to_le_bytes());
+        h[73..77].copy_from_slice(b"\n \r\n");
+        h[77..79].copy_from_slice(&1u16.to_le_bytes());
+        h
+    }
+
+    fn marker(sectors: u64, kind: u32) -> [u8; 512] {
+        let mut m = [0u8; 512];
+        m[0..8].copy_from_slice(&sectors.to_le_bytes());
+        m[12..16].copy_from_slice(&kind.to_le_bytes());
+        m
+    }
+
+    /// Writes the file.
+    pub fn build(&self, path: &Path) -> io::Result<()> {
+        use std::io::Write;
+        let name = path.file_name().expect("file name").to_string_lossy().into_owned();
+        let desc = format!(
+            "# Disk DescriptorFile\nversion=1\nCID={:08x}\nparentCID=ffffffff\ncreateType=\"streamOptimized\"\n\n\
+             # Extent description\nRDONLY {} SPARSE \"{name}\"\n\n# The Disk Data Base \n#DDB\n\n\
+             ddb.virtualHWVersion = \"4\"\nddb.adapterType=\"ide\"\n",
+            self.cid,
+            self.size / SECTOR
+        );
+        let desc_sectors = (desc.len() as u64).div_ceil(SECTOR);
+        let mut out = vec![0u8; 128 * SECTOR as usize];
+        out[..512].copy_from_slice(&self.header(u64::MAX, desc_sectors));
+        out[512..512 + desc.len()].copy_from_slice(desc.as_bytes());
+        let grains_total = self.size.div_ceil(STREAM_GRAIN);
+        let mut gtes = vec![0u32; grains_total.next_multiple_of(512) as usize];
+        for (g, data) in &self.grains {
+            let keep = (self.size - g * STREAM_GRAIN).min(STREAM_GRAIN) as usize;
+            let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+            z.write_all(&data[..keep.min(data.len())])?;
+            let z = z.finish()?;
+            gtes[*g as usize] = (out.len() as u64 / SECTOR) as u32;
+            out.extend_from_slice(&(g * STREAM_GRAIN / SECTOR).to_le_bytes());
+            out.extend_from_slice(&(z.len() as u32).to_le_bytes());
+            out.extend_from_slice(&z);
+            out.resize(out.len().next_multiple_of(SECTOR as usize), 0);
+        }
+        let mut gd = Vec::new();
+        for table in gtes.chunks(512) {
+            if table.iter().all(|&e| e == 0) {
+                gd.push(0u32);
+                continue;
+            }
+            out.extend_from_slice(&Self::marker(4, 1));
+            gd.push((out.len() as u64 / SECTOR) as u32);
+            table.iter().for_each(|e| out.extend_from_slice(&e.to_le_bytes()));
+        }
+        let gd_bytes: Vec<u8> = gd.iter().flat_map(|e| e.to_le_bytes()).collect();
+        let gd_sectors = (gd_bytes.len() as u64).div_ceil(SECTOR);
+        out.extend_from_slice(&Self::marker(gd_sectors, 2));
+        let gd_offset = out.len() as u64 / SECTOR;
+        out.extend_from_slice(&gd_bytes);
+        out.resize(out.len().next_multiple_of(SECTOR as usize), 0);
+        out.extend_from_slice(&Self::marker(1, 3));
+        out.extend_from_slice(&self.header(gd_offset, desc_sectors));
+        out.extend_from_slice(&[0u8; 512]);
+        std::fs::write(path, out)
+    }
+}

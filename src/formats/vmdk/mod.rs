@@ -90,6 +90,8 @@ impl From<Error> for CrateError {
 
 /// The largest virtual disk accepted (VMware's limit is 62 TiB).
 pub const MAX_SIZE: u64 = 64 << 40;
+/// Extents per layer: data and compressed views of each must fit the chain's u16 source index.
+const MAX_EXTENTS: usize = 32767;
 /// Grain tables cached per layer.
 const TABLE_CACHE_BYTES: usize = 16 << 20;
 /// Grain tables are all read and checked at open when they total at most this.
@@ -264,6 +266,12 @@ impl VmdkLayer {
         cfg: &OpenConfig,
         tables: &Arc<ByteLru<(u32, u64)>>,
     ) -> Result<Vec<Extent>> {
+        if desc.extents.len() > MAX_EXTENTS {
+            return Err(CrateError::unsupported(format!(
+                "{} extents (at most {MAX_EXTENTS} are supported: 64 TiB in 2 GiB pieces)",
+                desc.extents.len()
+            )));
+        }
         let mut opener = Opener::new(cfg, loc, tables.clone());
         let mut out = Vec::with_capacity(desc.extents.len());
         let mut start = 0u64;
