@@ -323,16 +323,13 @@ impl GrainMap {
     /// allocated grains.
     pub fn validate_tables(&self) -> Result<u64> {
         let mut allocated = 0;
-        let mut tables = Vec::new();
+        // for_each holds no lock and reads the directory page by page: memory stays bounded.
         self.gd.for_each(|t, e| {
             if let Some(at) = self.table_offset(t, e)? {
-                tables.push((t, at));
+                allocated += self.load(t, at)?.1;
             }
             Ok(())
         })?;
-        for (t, at) in tables {
-            allocated += self.load(t, at)?.1;
-        }
         Ok(allocated)
     }
 }
