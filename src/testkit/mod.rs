@@ -5,6 +5,7 @@
 
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 /// 16 random bytes (a UUID with version 4 bits set).
 pub fn random_uuid() -> [u8; 16] {

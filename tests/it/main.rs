@@ -9,4 +9,5 @@ mod vhd;
 mod vhd_bad;
 mod vhdx;
 mod vmdk;
+mod vmdk_bad;
 mod xva;

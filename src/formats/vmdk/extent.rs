@@ -1,0 +1,323 @@
+//! Extents: finding each extent file under the confinement rules, opening it, and checking its
+//! header and size against the descriptor line that names it.
+
+use std::sync::Arc;
+
+use super::Error;
+use super::cowd;
+use super::descriptor::{ExtentLine, ExtentType};
+use super::grains::{ByteLru, Flavor, GrainMap};
+use super::hosted::{self, GD_AT_END, SECTOR};
+use super::sesparse;
+use crate::chain::OpenConfig;
+use crate::error::{Error as CrateError, Kind, Result};
+use crate::layer::Hint;
+use crate::source::{self, Location, Source};
+
+/// One extent of a layer, placed in the layer's virtual disk.
+#[derive(Debug)]
+pub struct Extent {
+    pub start: u64,
+    pub len: u64,
+    pub line: ExtentLine,
+    /// The file, if the extent has one.
+    pub path: Option<Location>,
+    pub body: Body,
+}
+
+#[derive(Debug)]
+pub enum Body {
+    Zero,
+    Flat { src: Arc<dyn Source>, offset: u64 },
+    Sparse(Box<Sparse>),
+}
+
+/// What kind of sparse file an extent is, for `info`.
+#[derive(Debug)]
+pub enum SparseHeader {
+    Hosted { header: hosted::Header, footer: bool },
+    Cowd(cowd::Header),
+    SeSparse(sesparse::ConstHeader),
+}
+
+#[derive(Debug)]
+pub struct Sparse {
+    pub map: GrainMap,
+    pub header: SparseHeader,
+}
+
+impl Sparse {
+    pub fn compressed(&self) -> bool {
+        matches!(&self.header, SparseHeader::Hosted { header, .. } if header.compressed())
+    }
+
+    /// A one-line summary for `info`.
+    pub fn summary(&self) -> String {
+        let grain = human_grain(self.map.grain);
+        match &self.header {
+            SparseHeader::Hosted { header: h, footer } => {
+                let mut s = format!(
+                    "hosted sparse (KDMV) version {}, flags {:#x}, {grain} grains, {} entries per grain table, grain directory at sector {}",
+                    h.version,
+                    h.flags,
+                    h.gtes_per_gt,
+                    self.map.gd_offset() / SECTOR
+                );
+                if h.compressed() {
+                    s.push_str(", deflate-compressed grains");
+                }
+                if *footer {
+                    s.push_str(", grain directory found through the footer");
+                }
+                if h.zero_grain() {
+                    s.push_str(", zeroed-grain entries");
+                }
+                if h.flags & hosted::FLAG_RGD != 0 {
+                    s.push_str(", redundant grain directory");
+                }
+                if h.unclean_shutdown {
+                    s.push_str(", unclean shutdown flag set");
+                }
+                s
+            }
+            SparseHeader::Cowd(h) => {
+                let mut s =
+                    format!("ESX sparse (COWD) version {}, {grain} grains, generation {}", h.version, h.generation);
+                if h.unclean_shutdown {
+                    s.push_str(", unclean shutdown flag set");
+                }
+                s
+            }
+            SparseHeader::SeSparse(h) => format!(
+                "SESparse 2.1, {grain} grains, {} entries per grain table, grain directory at sector {} ({} entries), {} grain table slots at sector {}, grains from sector {}",
+                h.entries_per_table(),
+                h.gd_offset,
+                h.gd_entries(),
+                h.table_slots(),
+                h.gt_offset,
+                h.grains_offset
+            ),
+        }
+    }
+}
+
+fn human_grain(b: u64) -> String {
+    if b >= 1024 { format!("{} KiB", b / 1024) } else { format!("{b} B") }
+}
+
+/// Reads a `KDMV` header, taking the footer's copy when the grain directory is at the end.
+pub fn read_hosted_header(src: &dyn Source) -> Result<(hosted::Header, bool)> {
+    let h = hosted::Header::parse(&src.read_vec(0, 512)?)?;
+    if h.gd_offset != GD_AT_END {
+        return Ok((h, false));
+    }
+    let len = src.len()?;
+    if len < 2048 {
+        return Err(Error::Corrupt("stream-optimized file too short to hold its footer".into()).into());
+    }
+    Ok((hosted::parse_footer(&src.read_vec(len - 1536, 1536)?)?, true))
+}
+
+/// The grain map of a hosted sparse extent.
+pub fn hosted_map(
+    src: Arc<dyn Source>,
+    h: &hosted::Header,
+    extent_bytes: u64,
+    id: u32,
+    tables: &Arc<ByteLru<(u32, u64)>>,
+) -> Result<GrainMap> {
+    if h.compressed() && !h.markers() {
+        return Err(Error::Unsupported("compressed grains without grain markers".into()).into());
+    }
+    let per = h.gtes_per_gt as u64;
+    let gd_entries = h.capacity.div_ceil(h.grain * per);
+    let flavor = Flavor::Hosted { zero_grain: h.zero_grain(), compressed: h.compressed() };
+    let gd = h.gd_offset.saturating_mul(SECTOR);
+    GrainMap::new(src, flavor, h.grain * SECTOR, per, extent_bytes, gd, gd_entries, id, tables.clone())
+}
+
+fn cowd_map(
+    src: Arc<dyn Source>,
+    h: &cowd::Header,
+    extent_bytes: u64,
+    id: u32,
+    tables: &Arc<ByteLru<(u32, u64)>>,
+) -> Result<GrainMap> {
+    let gd_entries = h.sectors.div_ceil(cowd::GTES * h.grain);
+    let grain = h.grain * SECTOR;
+    GrainMap::new(
+        src,
+        Flavor::Cowd,
+        grain,
+        cowd::GTES,
+        extent_bytes,
+        h.gd_offset * SECTOR,
+        gd_entries,
+        id,
+        tables.clone(),
+    )
+}
+
+fn sesparse_map(
+    src: Arc<dyn Source>,
+    h: &sesparse::ConstHeader,
+    extent_bytes: u64,
+    id: u32,
+    tables: &Arc<ByteLru<(u32, u64)>>,
+) -> Result<GrainMap> {
+    let flavor = Flavor::SeSparse {
+        gt_offset: h.gt_offset * SECTOR,
+        gt_slots: h.table_slots(),
+        grains_offset: h.grains_offset * SECTOR,
+        grains_end: (h.grains_offset.saturating_add(h.grains_size)).saturating_mul(SECTOR),
+    };
+    let per = h.entries_per_table();
+    let gd_entries = h.capacity.div_ceil(h.grain * per);
+    GrainMap::new(
+        src,
+        flavor,
+        h.grain * SECTOR,
+        per,
+        extent_bytes,
+        h.gd_offset * SECTOR,
+        gd_entries,
+        id,
+        tables.clone(),
+    )
+}
+
+/// Opens the extents named by a descriptor.
+pub struct Opener<'a> {
+    pub cfg: &'a OpenConfig,
+    /// The descriptor file: extents resolve against its directory.
+    pub desc: &'a Location,
+    pub tables: Arc<ByteLru<(u32, u64)>>,
+    opened: Vec<(Location, Arc<dyn Source>)>,
+}
+
+impl<'a> Opener<'a> {
+    pub fn new(cfg: &'a OpenConfig, desc: &'a Location, tables: Arc<ByteLru<(u32, u64)>>) -> Self {
+        Opener { cfg, desc, tables, opened: Vec::new() }
+    }
+
+    /// Finds extent `i`'s file under the same rules as parents: relative to the descriptor,
+    /// then by name in its directory and the `--parent-dir`s; never outside them unless trusted.
+    fn resolve(&self, i: usize, file: &str) -> Result<Location> {
+        let hint = Hint { kind: "extent".into(), path: file.into() };
+        let (cands, refused) = self.cfg.candidates(&self.desc.dir(), std::slice::from_ref(&hint));
+        if let Some(c) = cands.iter().find(|c| c.exists()) {
+            return Ok(c.clone());
+        }
+        let p = file.replace('\\', "/");
+        let absolute = p.starts_with('/') || (p.len() >= 2 && p.as_bytes()[1] == b':');
+        let looked: Vec<String> = cands.iter().map(|c| c.to_string()).collect();
+        let looked = if looked.is_empty() { "nowhere".to_string() } else { looked.join(", ") };
+        if (absolute && !self.cfg.trust_locators) || !refused.is_empty() {
+            return Err(CrateError::new(
+                Kind::Denied,
+                format!(
+                    "extent {i} file '{file}' is outside the descriptor's directory and every --parent-dir: refused to follow it (--trust-locators allows it); not found by name either (looked for {looked})"
+                ),
+            ));
+        }
+        Err(CrateError::not_found(format!("extent {i} file '{file}' not found (looked for {looked})")))
+    }
+
+    fn source(&mut self, loc: &Location) -> Result<Arc<dyn Source>> {
+        if let Some((_, s)) = self.opened.iter().find(|(l, _)| l == loc) {
+            return Ok(s.clone());
+        }
+        let s = source::open(loc)?;
+        self.opened.push((loc.clone(), s.clone()));
+        Ok(s)
+    }
+
+    /// Opens extent `i`, which covers `[start, start + line.sectors * 512)` of the disk.
+    pub fn open(&mut self, i: usize, start: u64, line: &ExtentLine) -> Result<Extent> {
+        let len = line.sectors * SECTOR;
+        let mk = |path, body| Extent { start, len, line: line.clone(), path, body };
+        let Some(file) = line.file.as_deref() else {
+            return Ok(mk(None, Body::Zero));
+        };
+        let loc = self.resolve(i, file)?;
+        let src = self.source(&loc)?;
+        let body = self.body(i, line, src).map_err(|e| e.in_file(&loc))?;
+        Ok(mk(Some(loc), body))
+    }
+
+    fn body(&mut self, i: usize, line: &ExtentLine, src: Arc<dyn Source>) -> Result<Body> {
+        let len = line.sectors * SECTOR;
+        let flen = src.len()?;
+        let id = i as u32;
+        match line.kind {
+            ExtentType::Zero => Ok(Body::Zero),
+            ExtentType::Flat | ExtentType::Vmfs => {
+                let offset = line.offset.saturating_mul(SECTOR);
+                let need = offset.saturating_add(len);
+                if flen < need {
+                    return Err(Error::Corrupt(format!(
+                        "flat extent holds {flen} bytes but {} declares {} sectors from sector {} ({need} bytes): truncated or wrong file",
+                        self.desc.file_name(),
+                        line.sectors,
+                        line.offset
+                    ))
+                    .into());
+                }
+                Ok(Body::Flat { src, offset })
+            }
+            ExtentType::Sparse | ExtentType::VmfsSparse => {
+                let head = src.read_vec(0, flen.min(cowd::HEADER_LEN as u64) as usize)?;
+                if head.starts_with(cowd::MAGIC) {
+                    let h = cowd::Header::parse(&head)?;
+                    check_capacity(h.sectors, line, self.desc)?;
+                    let map = cowd_map(src, &h, len, id, &self.tables)?;
+                    return Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::Cowd(h) })));
+                }
+                if !head.starts_with(hosted::MAGIC) {
+                    return Err(
+                        Error::BadMagic { what: "sparse extent", found: head[..head.len().min(4)].to_vec() }.into()
+                    );
+                }
+                let (h, footer) = read_hosted_header(src.as_ref())?;
+                if h.capacity == 0 && h.desc_offset != 0 {
+                    return Err(Error::Unsupported(
+                        "this sparse extent is itself a descriptor of other extents (nested descriptors are not supported)"
+                            .into(),
+                    )
+                    .into());
+                }
+                check_capacity(h.capacity, line, self.desc)?;
+                let map = hosted_map(src, &h, len, id, &self.tables)?;
+                Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::Hosted { header: h, footer } })))
+            }
+            ExtentType::SeSparse => {
+                let h = sesparse::ConstHeader::parse(&src.read_vec(0, flen.min(512) as usize)?)?;
+                let vo = h.volatile_offset.saturating_mul(SECTOR);
+                if vo.checked_add(512).is_none_or(|e| e > flen) || vo == 0 {
+                    return Err(Error::PastEnd {
+                        what: format!("SESparse volatile header at {vo:#x}"),
+                        file_len: flen,
+                    }
+                    .into());
+                }
+                sesparse::check_volatile(&src.read_vec(vo, 512)?)?;
+                check_capacity(h.capacity, line, self.desc)?;
+                let map = sesparse_map(src, &h, len, id, &self.tables)?;
+                Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::SeSparse(h) })))
+            }
+        }
+    }
+}
+
+/// A sparse extent must hold at least as many sectors as its descriptor line claims.
+fn check_capacity(capacity: u64, line: &ExtentLine, desc: &Location) -> Result<()> {
+    if capacity < line.sectors {
+        return Err(Error::Corrupt(format!(
+            "sparse extent holds {capacity} sectors but {} declares {}",
+            desc.file_name(),
+            line.sectors
+        ))
+        .into());
+    }
+    Ok(())
+}
