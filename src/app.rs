@@ -204,8 +204,9 @@ fn info(a: &InfoArgs) -> Result<()> {
                     println!("      locator:       {} {}", h.kind, h.path);
                 }
             }
+            let w = l.details.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0).max(14);
             for (k, v) in &l.details {
-                println!("      {:<14} {v}", format!("{k}:"));
+                println!("      {:<w$} {v}", format!("{k}:"));
             }
         }
     }

@@ -22,6 +22,8 @@ use crate::source::{self, FileId, Location, Source};
 pub const MAP_BLOCK: u64 = 1 << 20;
 /// Default bound on the chain length; a loop in crafted images is caught long before.
 pub const DEFAULT_MAX_DEPTH: usize = 256;
+/// The hard limit on `--max-depth` (depths are stored as u16).
+pub const MAX_DEPTH_LIMIT: usize = 4096;
 
 /// How images are opened: where parents may come from and how strictly they are checked.
 #[derive(Debug, Clone)]
@@ -121,7 +123,7 @@ fn base_name(p: &str) -> Option<String> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentKind {
     /// Stored by layer `depth` (0 = top) in its source `source` at `offset`.
-    Data { depth: u16, source: u16, offset: u64 },
+    Data { depth: u16, source: u32, offset: u64 },
     /// Zeros decided at `depth`; `depth == layers.len()` means no layer allocates it.
     Zero { depth: u16 },
 }
@@ -337,7 +339,7 @@ impl Chain {
             }
             let kind = match span.kind {
                 SpanKind::Data { source, offset } => {
-                    ExtentKind::Data { depth: depth as u16, source: source as u16, offset }
+                    ExtentKind::Data { depth: depth as u16, source: u32::try_from(source).map_err(|_| Error::corrupt("internal: source index out of range"))?, offset }
                 }
                 SpanKind::Zero => ExtentKind::Zero { depth: depth as u16 },
                 SpanKind::Parent => {
@@ -368,7 +370,7 @@ impl Chain {
         let end = offset + buf.len() as u64;
         debug_assert!(end <= self.size);
         // A data run waiting to be read: (depth, source, file offset, buffer start, length).
-        let mut pending: Option<(u16, u16, u64, usize, usize)> = None;
+        let mut pending: Option<(u16, u32, u64, usize, usize)> = None;
         let mut block = offset / MAP_BLOCK;
         while block * MAP_BLOCK < end {
             let exts = self.block_extents(block)?;
@@ -402,7 +404,7 @@ impl Chain {
         Ok(())
     }
 
-    fn read_run(&self, depth: u16, source: u16, off: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_run(&self, depth: u16, source: u32, off: u64, buf: &mut [u8]) -> Result<()> {
         self.layers[depth as usize].read(source as usize, off, buf)
     }
 

@@ -113,8 +113,8 @@ impl OpenArgs {
                 return Err(Error::usage(format!("--parent-dir {}: not a directory", d.display())));
             }
         }
-        if self.max_depth == 0 {
-            return Err(Error::usage("--max-depth must be at least 1"));
+        if self.max_depth == 0 || self.max_depth > crate::chain::MAX_DEPTH_LIMIT {
+            return Err(Error::usage(format!("--max-depth must be between 1 and {}", crate::chain::MAX_DEPTH_LIMIT)));
         }
         let parent_dirs = self
             .parent_dirs

@@ -13,8 +13,8 @@
 //! (copy-on-write) mapping of the map region, so the kernel never writes them back on its own.
 //! A checkpoint (fsync, fdatasync, FUSE flush, unmount, and every few seconds) does three things
 //! in order: `fdatasync` the file so every data write is durable, then writes the changed map pages
-//! to the file, then `fdatasync`s again. The durable map therefore never names a cluster whose data
-//! is not durable. After a crash, a cluster reads its last checkpointed state, or, for clusters that
+//! to the file, then `fdatasync`s again (the bulk of the data is flushed first without holding
+//! writers off). The durable map therefore never names a cluster whose data is not durable. After a crash, a cluster reads its last checkpointed state, or, for clusters that
 //! were overwritten in place, bytes from one of the writes. It never reads unwritten garbage.
 //! A cluster that a partial write allocates is first filled from the chain (read-modify-write), so
 //! writes of any size (512 bytes included) are exact.
@@ -456,6 +456,9 @@ impl Overlay {
         if !self.writable {
             return Ok(());
         }
+        // Phase 1, without blocking writers: flush the bulk of the dirty data.
+        self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay data", e))?;
+        // Phase 2, exclusive: flush what arrived meanwhile, then the map, in that order.
         let _epoch = self.epoch.write();
         let pages: Vec<u64> = std::mem::take(&mut *self.dirty.lock()).into_iter().collect();
         let r = (|| {
