@@ -14,8 +14,9 @@
 //! A checkpoint (fsync, fdatasync, FUSE flush, unmount, and every few seconds) does three things
 //! in order: `fdatasync` the file so every data write is durable, then writes the changed map pages
 //! to the file, then `fdatasync`s again (the bulk of the data is flushed first without holding
-//! writers off). The durable map therefore never names a cluster whose data is not durable. After a crash, a cluster reads its last checkpointed state, or, for clusters that
-//! were overwritten in place, bytes from one of the writes. It never reads unwritten garbage.
+//! writers off). The durable map therefore never names a cluster whose data is not durable.
+//! After a crash, a cluster reads its last checkpointed state, or, for clusters that were
+//! overwritten in place, bytes from one of the writes. It never reads unwritten garbage.
 //! A cluster that a partial write allocates is first filled from the chain (read-modify-write), so
 //! writes of any size (512 bytes included) are exact.
 
