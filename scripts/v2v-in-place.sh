@@ -40,5 +40,9 @@ fusermount3 -u "$W/mnt"; sleep 1
 echo "== the fixes are in the overlay; the source is unchanged"
 sha1sum -c sources.sha1
 "$V" export --verify --overlay fixups.ovl guest.vhd converted.raw
-guestfish --ro -a converted.raw -i cat /etc/fstab
+fstab=$(guestfish --ro -a converted.raw -i cat /etc/fstab)
+echo "$fstab"
+# virt-v2v renames Xen disks (xvda) to virtio (vda): the conversion really was written.
+echo "$fstab" | grep -q '^/dev/vda1 ' || { echo "FAIL: fstab was not converted" >&2; exit 1; }
 ls -ls fixups.ovl
+echo "OK: virt-v2v-in-place converted the guest through the overlay; the source is unchanged"
