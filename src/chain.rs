@@ -338,9 +338,11 @@ impl Chain {
                 .in_file(layer.location()));
             }
             let kind = match span.kind {
-                SpanKind::Data { source, offset } => {
-                    ExtentKind::Data { depth: depth as u16, source: u32::try_from(source).map_err(|_| Error::corrupt("internal: source index out of range"))?, offset }
-                }
+                SpanKind::Data { source, offset } => ExtentKind::Data {
+                    depth: depth as u16,
+                    source: u32::try_from(source).map_err(|_| Error::corrupt("internal: source index out of range"))?,
+                    offset,
+                },
                 SpanKind::Zero => ExtentKind::Zero { depth: depth as u16 },
                 SpanKind::Parent => {
                     self.resolve(depth + 1, pos, pos + span.len, out)?;

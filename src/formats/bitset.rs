@@ -53,9 +53,57 @@ impl BitSet {
     }
 }
 
+/// Bit order of an on-disk sector bitmap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitOrder {
+    /// Bit 7 of byte 0 is sector 0 (VHD).
+    MsbFirst,
+    /// Bit 0 of byte 0 is sector 0 (VHDX).
+    LsbFirst,
+}
+
+/// In an on-disk sector bitmap: the value of bit `first` and the length of the run of equal bits
+/// starting there, looking at most at bit `limit - 1`. Whole bytes of the run are skipped at once.
+pub fn bitmap_run(bitmap: &[u8], first: u64, limit: u64, order: BitOrder) -> (bool, u64) {
+    let bit = |i: u64| {
+        let b = bitmap[(i / 8) as usize];
+        match order {
+            BitOrder::MsbFirst => b & (0x80 >> (i % 8)) != 0,
+            BitOrder::LsbFirst => (b >> (i % 8)) & 1 != 0,
+        }
+    };
+    let v = bit(first);
+    let full = if v { 0xFF } else { 0x00 };
+    let mut i = first + 1;
+    while i < limit {
+        if i.is_multiple_of(8) && i + 8 <= limit && bitmap[(i / 8) as usize] == full {
+            i += 8;
+        } else if bit(i) == v {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    (v, i - first)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bitmap_runs_in_both_bit_orders() {
+        let msb = [0b1110_0000u8, 0xFF, 0x00];
+        assert_eq!(bitmap_run(&msb, 0, 24, BitOrder::MsbFirst), (true, 3));
+        assert_eq!(bitmap_run(&msb, 3, 24, BitOrder::MsbFirst), (false, 5));
+        assert_eq!(bitmap_run(&msb, 8, 24, BitOrder::MsbFirst), (true, 8));
+        assert_eq!(bitmap_run(&msb, 16, 20, BitOrder::MsbFirst), (false, 4));
+        let lsb = [0b0000_0111u8, 0xFF, 0x00];
+        assert_eq!(bitmap_run(&lsb, 0, 24, BitOrder::LsbFirst), (true, 3));
+        assert_eq!(bitmap_run(&lsb, 3, 24, BitOrder::LsbFirst), (false, 5));
+        assert_eq!(bitmap_run(&lsb, 8, 24, BitOrder::LsbFirst), (true, 8));
+        assert_eq!(bitmap_run(&lsb, 16, 20, BitOrder::LsbFirst), (false, 4));
+    }
 
     #[test]
     fn runs_cross_words_and_stop_at_limits() {

@@ -41,17 +41,6 @@ fn sample(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-/// `info` and `mount` both refuse with one line naming `file` and every needle.
-fn refused(img: &Path, file: &Path, needles: &[&str]) {
-    let o = vdiskfs([os("info"), img.as_os_str()]);
-    assert_one_line_error(&o, &file.display().to_string(), needles);
-    if fuse_ok() {
-        let e = try_mount(&[img.as_os_str()]).expect_err("mount must fail");
-        assert_eq!(e.lines().count(), 1, "{e}");
-        assert!(e.contains(&file.display().to_string()), "{e}");
-    }
-}
-
 #[test]
 fn truncated_dynamic_vhd_is_refused() {
     let t = tmpdir();

@@ -70,7 +70,18 @@ fn info_text(img: &Path, extra: &[&str]) -> String {
     args.push(img.as_os_str());
     let o = vdiskfs(args);
     assert!(o.status.success(), "info: {}", stderr(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    squash(&String::from_utf8_lossy(&o.stdout))
+}
+
+/// Runs of spaces as one, so checks do not depend on column widths.
+fn squash(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if !(c == ' ' && out.ends_with(' ')) {
+            out.push(c);
+        }
+    }
+    out
 }
 
 #[test]
@@ -105,7 +116,7 @@ fn mkimg_vhdx_matches_qemu() {
     let img = corpus("img-1x1-512-gpt.vhdx.hex", t.path());
     let got = read_mounted(&img, &[]);
     assert_same("mkimg vhdx", &got, &qemu_raw(&img, "vhdx"));
-    assert!(info_text(&img, &[]).contains("creator:       (empty)"), "mkimg leaves the creator empty");
+    assert!(info_text(&img, &[]).contains("creator: (empty)"), "mkimg leaves the creator empty");
 }
 
 /// Every payload state in a disk without parent, read by our reader, qemu and the model:
@@ -366,7 +377,7 @@ fn hyper_v_locators_resolve_and_info_shows_vhdx_details() {
         &format!("expects {}", linkage.trim_matches(|c| c == '{' || c == '}')),
         &format!("parent found:  {}", base.display()),
     ] {
-        assert!(info.contains(needle), "missing {needle:?} in:\n{info}");
+        assert!(info.contains(&squash(needle)), "missing {needle:?} in:\n{info}");
     }
     // Only the absolute path: found by file name through --parent-dir.
     let lone = t.path().join("lone.avhdx");

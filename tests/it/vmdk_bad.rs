@@ -12,17 +12,6 @@ use crate::vmdk::qemu_io;
 
 const MIB: u64 = 1 << 20;
 
-/// `info` and `mount` both refuse with one line naming `file` and every needle.
-fn refused(img: &Path, file: &Path, needles: &[&str]) {
-    let o = vdiskfs([os("info"), img.as_os_str()]);
-    assert_one_line_error(&o, &file.display().to_string(), needles);
-    if fuse_ok() {
-        let e = try_mount(&[img.as_os_str()]).expect_err("mount must fail");
-        assert_eq!(e.lines().count(), 1, "{e}");
-        assert!(e.contains(&file.display().to_string()), "{e}");
-    }
-}
-
 fn flat_descriptor(dir: &Path, name: &str, create_type: &str, extents: Vec<ExtentSpec>) -> PathBuf {
     let d = DescriptorText { cid: 0x1111_2222, parent: None, create_type: create_type.into(), extents, ddb: vec![] };
     let p = dir.join(name);

@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 pub use footer::{Footer, checksum};
 pub use header::{BatmapHeader, DynHeader};
 
-use super::bitset::BitSet;
+use super::bitset::{BitOrder, BitSet, bitmap_run};
 use super::table::PagedTable;
 use crate::error::{Error as CrateError, Kind, Result};
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span, fmt_uuid};
@@ -297,24 +297,6 @@ fn parent_ref(src: &dyn Source, h: &DynHeader, len: u64) -> Result<ParentRef> {
     Ok(ParentRef { hints, expect: vec![Identity::VhdUuid(h.parent_uuid)] })
 }
 
-/// Length of the run of equal bits starting at bit `first`, looking at most at `limit` bits.
-fn bit_run(bitmap: &[u8], first: u64, limit: u64) -> (bool, u64) {
-    let bit = |i: u64| bitmap[(i / 8) as usize] & (0x80 >> (i % 8)) != 0;
-    let v = bit(first);
-    let full = if v { 0xFF } else { 0x00 };
-    let mut i = first + 1;
-    while i < limit {
-        if i.is_multiple_of(8) && i + 8 <= limit && bitmap[(i / 8) as usize] == full {
-            i += 8;
-        } else if bit(i) == v {
-            i += 1;
-        } else {
-            break;
-        }
-    }
-    (v, i - first)
-}
-
 impl Layer for VhdLayer {
     fn location(&self) -> &Location {
         self.src.location()
@@ -350,7 +332,7 @@ impl Layer for VhdLayer {
         }
         let bitmap = self.bitmap(d, block, entry).map_err(|e| e.in_file(self.location()))?;
         let sectors = d.block_size / SECTOR;
-        let (set, run) = bit_run(&bitmap, in_blk / SECTOR, sectors);
+        let (set, run) = bitmap_run(&bitmap, in_blk / SECTOR, sectors, BitOrder::MsbFirst);
         let len = ((in_blk / SECTOR + run) * SECTOR - in_blk).min(max_len);
         Ok(if set { Span::data(len, 0, data + in_blk) } else { absent(len) })
     }
@@ -431,19 +413,5 @@ impl Layer for VhdLayer {
             allocated_bytes: allocated,
             details,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bit_runs_are_msb_first_and_bounded() {
-        let bm = [0b1110_0000u8, 0xFF, 0x00];
-        assert_eq!(bit_run(&bm, 0, 24), (true, 3));
-        assert_eq!(bit_run(&bm, 3, 24), (false, 5));
-        assert_eq!(bit_run(&bm, 8, 24), (true, 8));
-        assert_eq!(bit_run(&bm, 16, 20), (false, 4));
     }
 }

@@ -219,25 +219,6 @@ pub fn validate(bat: &PagedTable, g: &Geometry, file_len: u64, reserved: &[Reser
     Ok(st)
 }
 
-/// Length of the run of equal bits starting at bit `first` (bit 0 is the least significant bit
-/// of byte 0), looking at most at `limit` bits.
-pub fn bit_run(bitmap: &[u8], first: u64, limit: u64) -> (bool, u64) {
-    let bit = |i: u64| bitmap[(i / 8) as usize] >> (i % 8) & 1 != 0;
-    let v = bit(first);
-    let full = if v { 0xFF } else { 0x00 };
-    let mut i = first + 1;
-    while i < limit {
-        if i.is_multiple_of(8) && i + 8 <= limit && bitmap[(i / 8) as usize] == full {
-            i += 8;
-        } else if bit(i) == v {
-            i += 1;
-        } else {
-            break;
-        }
-    }
-    (v, i - first)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -274,15 +255,6 @@ mod tests {
         assert_eq!(g.bitmap_slice(0), (0, 512));
         assert_eq!(g.bitmap_slice(3), (1536, 512));
         assert_eq!(g.bitmap_slice(2048 + 1), (512, 512));
-    }
-
-    #[test]
-    fn bit_runs_are_lsb_first_and_bounded() {
-        let bm = [0b0000_0111u8, 0xFF, 0x00];
-        assert_eq!(bit_run(&bm, 0, 24), (true, 3));
-        assert_eq!(bit_run(&bm, 3, 24), (false, 5));
-        assert_eq!(bit_run(&bm, 8, 24), (true, 8));
-        assert_eq!(bit_run(&bm, 16, 20), (false, 4));
     }
 
     fn table(entries: &[u64]) -> PagedTable {

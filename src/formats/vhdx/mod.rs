@@ -43,6 +43,7 @@ use parking_lot::Mutex;
 use self::bat::{Geometry, Stats};
 use self::header::{Guid, HEADER_SECTION, Header, Region, guid};
 use self::metadata::Metadata;
+use super::bitset::{BitOrder, bitmap_run};
 use super::table::PagedTable;
 use crate::chain::OpenConfig;
 use crate::error::{Error as CrateError, Kind, Result};
@@ -462,7 +463,7 @@ impl Layer for VhdxLayer {
             Class::Partial(off) => {
                 let bitmap = self.bitmap(block)?;
                 let lss = self.geo.logical_sector;
-                let (set, run) = bat::bit_run(&bitmap, in_blk / lss, self.geo.sectors_per_block());
+                let (set, run) = bitmap_run(&bitmap, in_blk / lss, self.geo.sectors_per_block(), BitOrder::LsbFirst);
                 let len = ((in_blk / lss + run) * lss - in_blk).min(max_len);
                 Ok(if set { Span::data(len, 0, off + in_blk) } else { Span::parent(len) })
             }

@@ -348,3 +348,14 @@ pub fn decode_hexdump(text: &str) -> Vec<u8> {
     }
     out
 }
+
+/// `info` and `mount` both refuse `img` with one line naming `file` and every needle.
+pub fn refused(img: &Path, file: &Path, needles: &[&str]) {
+    let o = vdiskfs([OsStr::new("info"), img.as_os_str()]);
+    assert_one_line_error(&o, &file.display().to_string(), needles);
+    if fuse_ok() {
+        let e = try_mount(&[img.as_os_str()]).expect_err("mount must fail");
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(e.contains(&file.display().to_string()), "{e}");
+    }
+}

@@ -37,17 +37,6 @@ fn patch(p: &Path, edit: impl FnOnce(&mut Vec<u8>), reseal: &[(usize, usize)]) {
     std::fs::write(p, b).unwrap();
 }
 
-/// `info` and `mount` both refuse with one line naming `file` and every needle.
-fn refused(img: &Path, file: &Path, needles: &[&str]) {
-    let o = vdiskfs([os("info"), img.as_os_str()]);
-    assert_one_line_error(&o, &file.display().to_string(), needles);
-    if fuse_ok() {
-        let e = try_mount(&[img.as_os_str()]).expect_err("mount must fail");
-        assert_eq!(e.lines().count(), 1, "{e}");
-        assert!(e.contains(&file.display().to_string()), "{e}");
-    }
-}
-
 #[test]
 fn both_headers_bad_is_refused() {
     let t = tmpdir();
