@@ -23,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Mount(a) => mount(a.config()?),
         Command::Info(a) => info(&a),
         Command::Map(a) => map(&a),
+        Command::Check(a) => crate::check::run(&a),
     }
 }
 

@@ -20,6 +20,7 @@ only ever opened read-only.
 Examples:
   vdiskfs info child.vhd                      show the chain, top to base
   vdiskfs map --json child.vhd                allocation, shaped like qemu-img map --output=json
+  vdiskfs check vm.xva                        verify every XVA chunk checksum
   vdiskfs mount --daemon child.vhd /mnt/v     then: qemu-img convert -O qcow2 /mnt/v/child.raw out.qcow2
   fusermount3 -u /mnt/v                       unmount (or Ctrl-C a foreground mount)";
 
@@ -65,6 +66,17 @@ allocated.
 Example:
   vdiskfs map --json child.vhd | jq '[.[] | select(.depth == 0) | .length] | add'")]
     Map(InfoArgs),
+    /// Verify every stored checksum (XVA chunks) by reading all data; report each bad range.
+    #[command(long_about = "\
+Read every allocated byte of every disk of IMAGE through the normal read path, so that every
+stored checksum is verified (XVA: each chunk's SHA-1 or XXH64, whatever --no-verify says) and
+every table a read needs is exercised. Each bad range is printed with the reason (for XVA it
+names the chunk member, e.g. Ref:3/00000042). Exits 1 if any range is bad. A progress bar goes
+to stderr when it is a terminal; --json prints the report as JSON.
+
+Example:
+  vdiskfs check vm.xva && vdiskfs mount --daemon --no-verify vm.xva /mnt/vm")]
+    Check(InfoArgs),
 }
 
 /// How parents are found and checked (shared by every subcommand).
