@@ -37,7 +37,7 @@ impl Codec {
     pub fn detect(head: &[u8]) -> Codec {
         if head.starts_with(&[0x1f, 0x8b]) {
             Codec::Gzip
-        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        } else if is_zstd(head) {
             Codec::Zstd
         } else {
             Codec::Plain
@@ -49,6 +49,14 @@ impl Codec {
             Codec::Gzip => "gzip",
             Codec::Zstd => "zstd",
         }
+    }
+}
+
+/// A zstd frame, or a skippable frame (`pzstd` starts with one holding the frame's size).
+pub fn is_zstd(head: &[u8]) -> bool {
+    head.len() >= 4 && {
+        let m = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        m == 0xFD2F_B528 || m & 0xFFFF_FFF0 == 0x184D_2A50
     }
 }
 
