@@ -4,6 +4,7 @@
 //! Not used by the daemon.
 
 pub mod vhd;
+pub mod xva;
 
 /// 16 random bytes (a UUID with version 4 bits set).
 pub fn random_uuid() -> [u8; 16] {

@@ -186,7 +186,15 @@ fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder) -> Result<Index> {
             // Decode to the end: trailing blocks, and so the stream's own checks run (gzip CRC,
             // a zstd frame cut short).
             let mut buf = vec![0u8; 1 << 20];
-            while f.read_at(f.pos, &mut buf)? > 0 {}
+            loop {
+                match f.read_at(f.pos, &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(Error::new(e.kind(), format!("after the end of the tar archive: {}", e.message())));
+                    }
+                }
+            }
             let total = f.pos;
             let rec = f.scanner.finish().ok_or_else(|| Error::corrupt("internal: no recorder"))?;
             (end, total, rec)

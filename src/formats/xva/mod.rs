@@ -165,7 +165,15 @@ pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDi
         && let Some(d) = disks.iter().find(|d| d.data_end() < vdis[d.vdi].1)
     {
         let last = d.chunks.last().map_or(format!("{}/", vdis[d.vdi].0), |c| chunk_name(&vdis[d.vdi].0, c, d.digits));
-        return Err(Error::Truncated { member: last, need: vdis[d.vdi].1, end: d.data_end() }.into());
+        return Err(Error::Member {
+            member: last,
+            what: format!(
+                "truncated: the archive stops after this chunk without tar's end-of-archive blocks, and the disk's data ends at {:#x} of its virtual_size {:#x}",
+                d.data_end(),
+                vdis[d.vdi].1
+            ),
+        }
+        .into());
     }
     let suspend: Vec<String> = export.vms.iter().map(|v| v.suspend_vdi.clone()).collect();
     for v in &export.vdis {
@@ -440,5 +448,53 @@ impl Layer for XvaDisk {
             allocated_bytes: self.chunks.iter().map(|c| c.len).sum(),
             details,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::MemSource;
+    use crate::testkit::{pattern, xva::XvaBuilder};
+
+    fn open_mem(bytes: Vec<u8>) -> Vec<(String, XvaDisk)> {
+        let src: Arc<dyn Source> = Arc::new(MemSource::new("vm.xva", bytes));
+        open(src, &OpenConfig::default()).unwrap()
+    }
+
+    #[test]
+    fn a_random_read_in_a_gzip_export_decodes_at_most_one_interval() {
+        let size = 48u64 << 20;
+        let data = pattern(3, size as usize);
+        let mut b = XvaBuilder::xapi("vm");
+        b.disk("d", data.clone(), 3, 0);
+        let tmp = std::env::temp_dir().join(format!("vdiskfs-unit-{}.xva.gz", std::process::id()));
+        b.build_gzip(&tmp).unwrap();
+        let bytes = std::fs::read(&tmp).unwrap();
+        let _ = std::fs::remove_file(&tmp);
+        let disks = open_mem(bytes);
+        let d = &disks[0].1;
+        let mut buf = vec![0u8; 4096];
+        for off in [40u64 << 20, 7 << 20, 30 << 20] {
+            let before = d.archive().decoded();
+            let Span { kind: crate::layer::SpanKind::Data { offset, .. }, .. } = d.map(off + 1234, 4096).unwrap()
+            else {
+                panic!("data expected")
+            };
+            d.read(0, offset, &mut buf).unwrap();
+            assert_eq!(buf, data[(off + 1234) as usize..(off + 1234) as usize + 4096]);
+            let cost = d.archive().decoded() - before;
+            // One restart interval, plus the whole 1 MiB chunk verified on its first read.
+            assert!(cost <= gzip::SPAN + (2 << 20), "decoded {cost} bytes for a 4 KiB read");
+        }
+    }
+
+    #[test]
+    fn disks_are_named_from_labels_and_ordered_by_userdevice() {
+        let mut b = XvaBuilder::xapi("vm");
+        b.disk("data/2", vec![1u8; 4096], 9, 1).disk("", vec![2u8; 4096], 12, 0).disk("data/2", vec![3u8; 512], 15, 2);
+        let names: Vec<String> = open_mem(b.to_bytes()).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["disk.raw", "data_2.raw", "data_2-2.raw"]);
+        assert_eq!(sanitize(".."), "disk");
     }
 }

@@ -164,7 +164,7 @@ pub fn walk(
     let mut pax: (Option<String>, Option<u64>) = (None, None);
     let mut last = String::from("(start of archive)");
     loop {
-        let n = read_full(r, at, &mut hdr)?;
+        let n = read_full(r, at, &mut hdr).map_err(|e| context(e, &last))?;
         if n == 0 {
             return match r.stream_end() {
                 Some(end) if end < at => Err(Error::Truncated { member: last, need: at, end }.into()),
@@ -179,7 +179,13 @@ pub fn walk(
             }
             .into());
         }
-        let Some(h) = parse_header(&hdr, at)? else {
+        let Some(h) = parse_header(&hdr, at).map_err(|e| match e {
+            Error::HeaderChecksum { at, name, stored, computed } => {
+                Error::HeaderChecksum { at, name: format!("{name}', after member '{last}"), stored, computed }
+            }
+            e => e,
+        })?
+        else {
             return Ok(End::Marker);
         };
         let data = at + BLOCK;
@@ -228,10 +234,15 @@ pub fn walk(
     }
 }
 
+/// Names the member whose data (or the header after it) was being read when `e` happened.
+fn context(e: crate::error::Error, member: &str) -> crate::error::Error {
+    crate::error::Error::new(e.kind(), format!("{member}: {}", e.message()))
+}
+
 /// Reads a whole member's data; running out is truncation of that member.
 fn read_member(r: &mut dyn Forward, off: u64, size: u64, name: &str) -> CrateResult<Vec<u8>> {
     let mut v = vec![0u8; size as usize];
-    let n = read_full(r, off, &mut v)?;
+    let n = read_full(r, off, &mut v).map_err(|e| context(e, name))?;
     if n < v.len() {
         return Err(Error::Truncated { member: name.to_string(), need: off + size, end: off + n as u64 }.into());
     }
