@@ -32,8 +32,12 @@ pub mod stream;
 pub mod tar;
 mod zstd;
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use lru::LruCache;
+use parking_lot::Mutex;
 
 use chunks::{Chunk, Layout};
 use ovaxml::Export;
@@ -46,6 +50,8 @@ use crate::source::{Location, Source};
 
 /// Bound on the size of `ova.xml` read into memory.
 pub const MAX_OVA_XML: u64 = 64 << 20;
+/// Verified chunks kept in memory per disk (8 MiB with 1 MiB chunks).
+const RECENT_CHUNKS: NonZeroUsize = NonZeroUsize::new(8).unwrap();
 /// Default bound of the on-disk block cache for streams without restart points.
 pub const DEFAULT_BLOCK_CACHE: u64 = 4 << 30;
 
@@ -231,6 +237,7 @@ pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDi
                 verify: cfg.verify,
                 digits: d.digits,
                 keepalives: d.keepalives,
+                recent: Mutex::new(LruCache::new(RECENT_CHUNKS)),
             },
         ));
     }
@@ -252,8 +259,9 @@ pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDi
     Ok(named)
 }
 
+/// A valid first header, or a ustar one whose checksum is wrong (the index pass reports that).
 fn looks_like_tar(head: &[u8]) -> bool {
-    head.len() >= 512 && matches!(tar::parse_header(head, 0), Ok(Some(_)))
+    head.len() >= 512 && (matches!(tar::parse_header(head, 0), Ok(Some(_))) || &head[257..262] == b"ustar")
 }
 
 /// A VDI label as a file name: no `/`, no control characters, not empty, not `.`/`..`.
@@ -278,6 +286,8 @@ pub struct XvaDisk {
     verify: bool,
     digits: usize,
     keepalives: u64,
+    /// Chunks just verified by a partial read, for the reads of their other parts.
+    recent: Mutex<LruCache<usize, Arc<[u8]>>>,
 }
 
 impl XvaDisk {
@@ -300,6 +310,11 @@ impl XvaDisk {
     /// Reads `buf` from chunk `i` at `within`, verifying the whole chunk on first use.
     fn read_chunk(&self, i: usize, within: u64, buf: &mut [u8]) -> Result<()> {
         let c = self.chunks[i];
+        let at = within as usize..within as usize + buf.len();
+        if let Some(d) = self.recent.lock().get(&i) {
+            buf.copy_from_slice(&d[at]);
+            return Ok(());
+        }
         let sum = match c.sum {
             Some(s) if self.verify && !self.is_verified(i) => s,
             _ => return self.archive.read_exact_at(c.data + within, buf),
@@ -324,7 +339,10 @@ impl XvaDisk {
         }
         self.set_verified(i);
         if !whole {
-            buf.copy_from_slice(&tmp[within as usize..within as usize + buf.len()]);
+            buf.copy_from_slice(&tmp[at]);
+            // The rest of this chunk is likely read next; keep it rather than read it again
+            // (for a compressed archive that would restart a decoder behind this point).
+            self.recent.lock().put(i, tmp.into());
         }
         Ok(())
     }
@@ -387,7 +405,8 @@ impl Layer for XvaDisk {
         let mut details: Vec<(String, String)> = Vec::new();
         let mut d = |k: &str, v: String| details.push((k.to_string(), v));
         if let Some(vm) = ex.vm() {
-            d("vm", format!("{} (uuid {})", vm.name_label, if vm.uuid.is_empty() { "-" } else { &vm.uuid }));
+            let uuid = if vm.uuid.is_empty() { String::new() } else { format!(" (uuid {})", vm.uuid) };
+            d("vm", format!("{}{uuid}", vm.name_label));
         }
         let ver: Vec<String> = ["product_brand", "product_version", "hostname", "date"]
             .iter()
@@ -397,7 +416,13 @@ impl Layer for XvaDisk {
             d("exported_by", ver.join(" "));
         }
         d("export_vsn", ex.export_vsn.to_string());
-        d("vdi", format!("{} '{}' (type {}, uuid {})", v.id, v.name_label, v.ty, v.uuid));
+        let mut vd = format!("{} '{}'", v.id, v.name_label);
+        for (k, x) in [("type", &v.ty), ("uuid", &v.uuid)] {
+            if !x.is_empty() {
+                vd.push_str(&format!(", {k} {x}"));
+            }
+        }
+        d("vdi", vd);
         if let Some((ty, dev)) = &self.vbd {
             d("vbd", format!("{ty}, userdevice {dev}"));
         }
@@ -443,7 +468,7 @@ impl Layer for XvaDisk {
             subformat: a.codec.name().to_string(),
             virtual_size: v.virtual_size,
             block_size: a.unit,
-            identity: v.uuid.clone(),
+            identity: if v.uuid.is_empty() { format!("{} (no uuid in ova.xml)", v.id) } else { v.uuid.clone() },
             parent: None,
             allocated_bytes: self.chunks.iter().map(|c| c.len).sum(),
             details,

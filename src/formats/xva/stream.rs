@@ -412,7 +412,12 @@ impl Compressed {
                 done += n;
                 continue;
             }
-            let (mut c, start) = self.take(pos, &p, false, false)?;
+            // Far from the point, wait for a decoder already heading here rather than start another.
+            let (mut c, start) = match self.take(pos, &p, pos - p.out > BLOCK, false) {
+                Ok(x) => x,
+                Err(e) if e.kind() == crate::error::Kind::Stale => continue,
+                Err(e) => return Err(e),
+            };
             let mut scratch = Vec::new();
             let r = self.advance(c.as_mut(), pos, &mut scratch).and_then(|_| {
                 while done < buf.len() {
