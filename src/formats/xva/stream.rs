@@ -1,12 +1,14 @@
 //! Random access to a compressed export without a decompressed copy.
 //!
 //! The index pass decodes the stream once, recording restart points (see `gzip.rs`, `zstd.rs`).
-//! A read starts from the nearest point before it, or continues an idle decoder ("cursor")
-//! that already stands at or a little before it, so sequential readers decode the stream once.
-//! Where the nearest point lies more than [`LONG`] bytes back (a single-frame zstd stream), reads
-//! go through a bounded on-disk cache of decompressed 1 MiB blocks: a decoder moves forward
-//! block by block and stores every block it passes; concurrent readers wait for the decoder
-//! that is already heading their way instead of starting another from the beginning.
+//! Reads are served in whole 1 MiB blocks of the decompressed stream: a block is decoded by an
+//! idle decoder ("cursor") standing at or before it, or by a new one started at the nearest
+//! restart point, and every whole block a decoder passes is kept in a small memory cache. A
+//! reader waits for a busy decoder that is already heading its way instead of starting another,
+//! so concurrent and slightly out-of-order sequential readers (FUSE threads, readahead) decode
+//! each block once. Where some stretch of the stream is more than [`LONG`] bytes without a
+//! restart point (a single-frame zstd stream), blocks are also kept in a bounded on-disk cache,
+//! so that going back does not mean decoding from the start of the stream again.
 //! Locks are held only to take or return a cursor or to look up a block, never while decoding.
 
 use std::collections::HashMap;
@@ -205,6 +207,8 @@ pub const LONG: u64 = 32 << 20;
 /// The block cache's unit.
 pub const BLOCK: u64 = 1 << 20;
 const MAX_CURSORS: usize = 6;
+/// Decoded blocks kept in memory per archive.
+const MEM_BLOCKS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(32).unwrap();
 
 struct Pool {
     idle: Vec<(Box<dyn Cursor>, u64)>,
@@ -223,6 +227,8 @@ pub struct Compressed {
     pool: Mutex<Pool>,
     cv: Condvar,
     blocks: Option<BlockCache>,
+    /// Recently decoded blocks.
+    mem: Mutex<LruCache<u64, Arc<[u8]>>>,
     pub decoded: AtomicU64,
 }
 
@@ -254,6 +260,7 @@ impl Compressed {
             pool: Mutex::new(Pool { idle: Vec::new(), busy: Vec::new(), tick: 0 }),
             cv: Condvar::new(),
             blocks,
+            mem: Mutex::new(LruCache::new(MEM_BLOCKS)),
             decoded: AtomicU64::new(0),
         })
     }
@@ -287,14 +294,14 @@ impl Compressed {
 
     /// An idle cursor standing in `[from, off]` (the closest), or a new one at `p`. With
     /// `wait`, a cursor in use that started in that range is waited for instead.
-    fn take(&self, off: u64, p: &Point, wait: bool, aligned: bool) -> Result<(Box<dyn Cursor>, u64)> {
+    fn take(&self, off: u64, p: &Point, wait: bool) -> Result<(Box<dyn Cursor>, u64)> {
         let mut pool = self.pool.lock();
         loop {
             let best = pool
                 .idle
                 .iter()
                 .enumerate()
-                .filter(|(_, (c, _))| c.pos() >= p.out && c.pos() <= off && (!aligned || c.pos().is_multiple_of(BLOCK)))
+                .filter(|(_, (c, _))| c.pos() >= p.out && c.pos() <= off)
                 .max_by_key(|(_, (c, _))| c.pos())
                 .map(|(i, _)| i);
             if let Some(i) = best {
@@ -303,9 +310,13 @@ impl Compressed {
                 pool.busy.push(s);
                 return Ok((c, s));
             }
-            if wait && pool.busy.iter().any(|&s| s >= p.out && s <= off) {
+            // A decoder that started a little before the point is as good as a new one at it.
+            let from = p.out.min(off.saturating_sub(2 * super::gzip::SPAN));
+            if wait && pool.busy.iter().any(|&s| s >= from && s <= off) {
                 self.cv.wait(&mut pool);
-                if self.blocks.as_ref().is_some_and(|b| b.contains(off / BLOCK)) {
+                if self.mem.lock().contains(&(off / BLOCK))
+                    || self.blocks.as_ref().is_some_and(|b| b.contains(off / BLOCK))
+                {
                     return Err(Error::new(crate::error::Kind::Stale, "cached meanwhile"));
                 }
                 continue;
@@ -346,16 +357,14 @@ impl Compressed {
         Error::corrupt(format!("{} stream ends early: no data at decompressed offset {at:#x}", self.codec.name()))
     }
 
-    /// Decodes forward from the cursor's position to `to`, discarding (or caching whole blocks).
+    /// Decodes forward from the cursor's position to `to` (a block boundary), keeping every
+    /// whole block passed; a partial block before the first boundary is discarded.
     fn advance(&self, c: &mut dyn Cursor, to: u64, scratch: &mut Vec<u8>) -> Result<()> {
         while c.pos() < to {
             let pos = c.pos();
-            if let Some(bc) = self.blocks.as_ref()
-                && pos.is_multiple_of(BLOCK)
-                && to - pos >= BLOCK.min(self.total - pos)
-            {
-                let b = self.decode_block(c, scratch)?;
-                bc.put(pos / BLOCK, b);
+            if pos.is_multiple_of(BLOCK) {
+                let data: Arc<[u8]> = self.decode_block(c, scratch)?.into();
+                self.keep(pos / BLOCK, data);
                 continue;
             }
             let n = (to - pos).min(BLOCK - pos % BLOCK) as usize;
@@ -385,7 +394,32 @@ impl Compressed {
         Ok(&scratch[..n])
     }
 
-    /// Fills `buf` from decompressed offset `off`.
+    /// Keeps a decoded block in memory, and on disk when the stream needs the block cache.
+    fn keep(&self, b: u64, data: Arc<[u8]>) {
+        if let Some(bc) = self.blocks.as_ref() {
+            bc.put(b, &data);
+        }
+        self.mem.lock().put(b, data);
+    }
+
+    /// Copies from block `b` at `within` if it is cached (memory, then disk).
+    fn cached(&self, b: u64, within: usize, out: &mut [u8]) -> Result<bool> {
+        if let Some(d) = self.mem.lock().get(&b).cloned() {
+            if d.len() < within + out.len() {
+                return Err(self.early_end(b * BLOCK + d.len() as u64));
+            }
+            out.copy_from_slice(&d[within..within + out.len()]);
+            return Ok(true);
+        }
+        match self.blocks.as_ref() {
+            Some(bc) => bc.get(b, within, out),
+            None => Ok(false),
+        }
+    }
+
+    /// Fills `buf` from decompressed offset `off`. Data is decoded in whole 1 MiB blocks, kept in
+    /// a small memory cache (and the disk cache where the stream needs it), so concurrent and
+    /// slightly out-of-order sequential readers decode each block once.
     pub fn read_exact_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         let end = off + buf.len() as u64;
         if end > self.total {
@@ -394,67 +428,51 @@ impl Compressed {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
-            let p = self.point_before(pos);
-            if let Some(bc) = self.blocks.as_ref()
-                && pos - p.out > LONG
-            {
-                let (b, within) = (pos / BLOCK, (pos % BLOCK) as usize);
-                let n = (buf.len() - done).min(BLOCK as usize - within);
-                if !bc.get(b, within, &mut buf[done..done + n])? {
-                    match self.fill_block(b, p)? {
-                        Some(data) if data.len() >= within + n => {
-                            buf[done..done + n].copy_from_slice(&data[within..within + n])
-                        }
-                        Some(_) => return Err(self.early_end(pos)),
-                        None => continue, // another reader cached it meanwhile
-                    }
+            let (b, within) = (pos / BLOCK, (pos % BLOCK) as usize);
+            let n = (buf.len() - done).min(BLOCK as usize - within);
+            let out = &mut buf[done..done + n];
+            if !self.cached(b, within, out)? {
+                match self.fill_block(b)? {
+                    Some(data) if data.len() >= within + n => out.copy_from_slice(&data[within..within + n]),
+                    Some(_) => return Err(self.early_end(pos)),
+                    None => continue, // another reader decoded it meanwhile
                 }
-                done += n;
-                continue;
             }
-            // Far from the point, wait for a decoder already heading here rather than start another.
-            let (mut c, start) = match self.take(pos, &p, pos - p.out > BLOCK, false) {
-                Ok(x) => x,
-                Err(e) if e.kind() == crate::error::Kind::Stale => continue,
-                Err(e) => return Err(e),
-            };
-            let mut scratch = Vec::new();
-            let r = self.advance(c.as_mut(), pos, &mut scratch).and_then(|_| {
-                while done < buf.len() {
-                    let n = c.read(&mut buf[done..])?;
-                    if n == 0 {
-                        return Err(self.early_end(off + done as u64));
-                    }
-                    self.decoded.fetch_add(n as u64, Ordering::Relaxed);
-                    done += n;
-                }
-                Ok(())
-            });
-            self.release(start, r.is_ok().then_some(c));
-            r?;
+            done += n;
         }
         Ok(())
     }
 
-    /// Decodes up to and including block `b`, caching every whole block passed; returns block
-    /// `b`, or `None` when another reader cached it while this one waited.
-    fn fill_block(&self, b: u64, p: Point) -> Result<Option<Vec<u8>>> {
+    /// Decodes up to and including block `b`, keeping every whole block passed; returns block
+    /// `b`, or `None` when another reader produced it while this one waited.
+    fn fill_block(&self, b: u64) -> Result<Option<Arc<[u8]>>> {
         let start_off = b * BLOCK;
-        let (mut c, start) = match self.take(start_off, &p, true, true) {
+        let p = self.point_before(start_off);
+        // Wait for a decoder already heading here rather than start another one behind it.
+        let (mut c, start) = match self.take(start_off, &p, true) {
             Ok(x) => x,
             Err(e) if e.kind() == crate::error::Kind::Stale => return Ok(None),
             Err(e) => return Err(e),
         };
         let mut scratch = Vec::new();
         let r = self.advance(c.as_mut(), start_off, &mut scratch).and_then(|_| {
-            let data = self.decode_block(c.as_mut(), &mut scratch)?.to_vec();
-            if let Some(bc) = self.blocks.as_ref() {
-                bc.put(b, &data);
-            }
+            let data: Arc<[u8]> = self.decode_block(c.as_mut(), &mut scratch)?.into();
+            self.keep(b, data.clone());
             Ok(data)
         });
         self.release(start, r.is_ok().then_some(c));
         r.map(Some)
+    }
+}
+
+impl Drop for Compressed {
+    fn drop(&mut self) {
+        log::info!(
+            "{}: decoded {} bytes of a {}-byte stream while serving reads",
+            self.src.location(),
+            self.decoded.load(Ordering::Relaxed),
+            self.total
+        );
     }
 }
 
