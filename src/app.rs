@@ -24,6 +24,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => info(&a),
         Command::Map(a) => map(&a),
         Command::Export(a) => export(&a),
+        Command::Check(a) => crate::check::run(&a),
     }
 }
 

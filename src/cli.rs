@@ -20,6 +20,7 @@ only ever opened read-only.
 Examples:
   vdiskfs info child.vhd                      show the chain, top to base
   vdiskfs map --json child.vhd                allocation, shaped like qemu-img map --output=json
+  vdiskfs check vm.xva                        verify every XVA chunk checksum
   vdiskfs mount --daemon child.vhd /mnt/v     then: qemu-img convert -O qcow2 /mnt/v/child.raw out.qcow2
   fusermount3 -u /mnt/v                       unmount (or Ctrl-C a foreground mount)
   vdiskfs mount --overlay fix.ovl child.vhd /mnt/v   writable; writes go to fix.ovl, never to the images
@@ -78,6 +79,17 @@ of the sources, or smaller than the disk. On failure it says how much of the tar
 Example:
   vdiskfs export --overlay fixups.ovl --verify vm-snap.vhd /dev/vg0/vm-disk")]
     Export(ExportArgs),
+    /// Verify every stored checksum (XVA chunks) by reading all data; report each bad range.
+    #[command(long_about = "\
+Read every allocated byte of every disk of IMAGE through the normal read path, so that every
+stored checksum is verified (XVA: each chunk's SHA-1 or XXH64, whatever --no-verify says) and
+every table a read needs is exercised. Each bad range is printed with the reason (for XVA it
+names the chunk member, e.g. Ref:3/00000042). Exits 1 if any range is bad. A progress bar goes
+to stderr when it is a terminal; --json prints the report as JSON.
+
+Example:
+  vdiskfs check vm.xva && vdiskfs mount --daemon --no-verify vm.xva /mnt/vm")]
+    Check(InfoArgs),
 }
 
 /// How parents are found and checked (shared by every subcommand).

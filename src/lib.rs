@@ -16,6 +16,7 @@
 
 pub mod app;
 pub mod chain;
+pub mod check;
 pub mod cli;
 pub mod disk;
 pub mod error;

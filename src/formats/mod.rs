@@ -41,7 +41,11 @@ pub fn detect(src: &dyn Source) -> Result<Format> {
     if vhd::detect(&head, &tail) {
         return Ok(Format::Vhd);
     }
-    if head.starts_with(&[0x1f, 0x8b]) || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) || is_tar(&head) {
+    if head.starts_with(&[0x1f, 0x8b]) || xva::stream::is_zstd(&head) || is_tar(&head) {
+        return Ok(Format::Xva);
+    }
+    // An old pre-tar XVA's ova.xml: the XVA module says what it is and that it is not supported.
+    if head.starts_with(b"<?xml") && head.windows(10).any(|w| w == b"<appliance") {
         return Ok(Format::Xva);
     }
     let ext = src.location().file_name().rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase()).unwrap_or_default();

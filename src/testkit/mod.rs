@@ -6,6 +6,7 @@
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
+pub mod xva;
 
 /// 16 random bytes (a UUID with version 4 bits set).
 pub fn random_uuid() -> [u8; 16] {

@@ -1,0 +1,381 @@
+//! The archive index: every tar member (name, data offset, size; the content of checksums and
+//! `ova.xml`) and, for a compressed export, the restart points. Built in one streaming pass with
+//! a progress bar on a terminal, and kept in the cache directory under the archive's identity
+//! (device, inode, size, mtime), so the next open of the same file reads it back instantly.
+//!
+//! The file is `xva-index-<dev>-<ino>-<size>-<mtime>.v1`: the deflated gzip windows, then the
+//! metadata, then a 32-byte footer (metadata offset and length, its XXH64, a magic). A file that
+//! does not check out is ignored and rebuilt. It is written under a temporary name and renamed,
+//! and older indexes of the same inode are removed.
+
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::stream::{self, Codec, Cursor, Point, Recorder, Windows};
+use super::tar::{self, End, Forward, Member, PlainForward};
+use crate::error::{Error, Result};
+use crate::source::{FileId, Source};
+
+const MAGIC: &[u8; 8] = b"VDXVAIX1";
+
+/// What the index pass found.
+#[derive(Debug)]
+pub struct Index {
+    pub codec: Codec,
+    pub members: Vec<Member>,
+    pub end: End,
+    /// Length of the (decompressed) tar stream.
+    pub total: u64,
+    pub points: Vec<Point>,
+    pub windows: Windows,
+    /// Read back from the cache directory.
+    pub cached: Option<PathBuf>,
+}
+
+/// Members whose content goes into the index.
+fn keep(name: &str, size: u64) -> bool {
+    size <= tar::SMALL || (name.trim_start_matches("./") == "ova.xml" && size <= super::MAX_OVA_XML)
+}
+
+/// Loads the cached index of `src`, or builds (and caches) it.
+pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>) -> Result<Index> {
+    let id = src.id();
+    let path = match (cache_dir, id) {
+        (Some(d), Some(id)) => {
+            Some(d.join(format!("xva-index-{:x}-{:x}-{:x}-{:x}.v1", id.dev, id.ino, id.size, id.mtime_ns as u128)))
+        }
+        _ => None,
+    };
+    if let (Some(p), Some(id)) = (&path, id)
+        && let Some(ix) = load(p, &id)
+    {
+        log::info!("{}: index read from {}", src.location(), p.display());
+        return Ok(ix);
+    }
+    let tmp = match &path {
+        Some(p) => match create_tmp(p) {
+            Ok(x) => Some(x),
+            Err(e) => {
+                log::warn!("cannot write an index in {}: {e}; the index is kept in memory", p.display());
+                None
+            }
+        },
+        None => None,
+    };
+    let rec = match &tmp {
+        Some((_, f)) => Recorder::file(f.try_clone().map_err(|e| Error::io("index file", e))?),
+        None => Recorder::memory(),
+    };
+    let mut ix = build(src, codec, rec)?;
+    if let (Some((tp, f)), Some(p), Some(id)) = (tmp, path, id) {
+        match save(&f, &tp, &p, &id, &ix) {
+            Ok(()) => {
+                ix.windows = Windows::File(File::open(&p).map_err(|e| Error::io("index file", e))?);
+                ix.cached = Some(p);
+            }
+            Err(e) => {
+                // The windows stay readable through the open (now unlinked) file.
+                let _ = std::fs::remove_file(&tp);
+                log::warn!("cannot write the index {}: {e}", p.display());
+            }
+        }
+    }
+    Ok(ix)
+}
+
+fn create_tmp(p: &Path) -> std::io::Result<(PathBuf, File)> {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    let tp = p.with_extension(format!("tmp-{}", std::process::id()));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tp)?;
+    Ok((tp, f))
+}
+
+/// A progress bar on stderr, only when stderr is a terminal.
+pub fn progress(len: u64, msg: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(msg.to_string());
+    Some(pb)
+}
+
+/// The decompressor as a forward reader for the tar walk.
+struct ScanForward {
+    scanner: stream::Scanner,
+    pos: u64,
+    scratch: Vec<u8>,
+    eof: bool,
+}
+
+impl Forward for ScanForward {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        let c = self.scanner.cursor();
+        while self.pos < off && !self.eof {
+            let n = ((off - self.pos) as usize).min(1 << 20);
+            self.scratch.resize(n, 0);
+            let got = c.read(&mut self.scratch[..n])?;
+            self.eof = got == 0;
+            self.pos += got as u64;
+        }
+        if self.eof {
+            return Ok(0);
+        }
+        let got = c.read(buf)?;
+        self.eof = got == 0;
+        self.pos += got as u64;
+        Ok(got)
+    }
+    fn progress(&self) -> u64 {
+        match &self.scanner {
+            stream::Scanner::Gz(d) => d.compressed_pos(),
+            stream::Scanner::Zstd(d) => d.compressed_pos(),
+        }
+    }
+    fn stream_end(&self) -> Option<u64> {
+        self.eof.then_some(self.pos)
+    }
+}
+
+fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder) -> Result<Index> {
+    let len = src.len()?;
+    let what = if codec == Codec::Plain { "indexing" } else { "indexing (decompressing)" };
+    let pb = progress(len, &format!("{} {what}", src.location().file_name()));
+    let mut members = Vec::new();
+    let mut last_tick = 0u64;
+    let (end, total, rec) = match codec {
+        Codec::Plain => {
+            let mut f = PlainForward { src: src.as_ref(), len, pos: 0 };
+            let end = tar::walk(&mut f, &keep, &mut |m| {
+                if let Some(pb) = &pb
+                    && m.offset - last_tick > 64 << 20
+                {
+                    pb.set_position(m.offset);
+                    last_tick = m.offset;
+                }
+                members.push(m);
+                Ok(())
+            })?;
+            (end, len, rec)
+        }
+        _ => {
+            let mut f = ScanForward {
+                scanner: stream::scanner(codec, src.clone(), rec)?,
+                pos: 0,
+                scratch: Vec::new(),
+                eof: false,
+            };
+            let end = {
+                let pbr = pb.clone();
+                let mut cb = |m: Member| {
+                    members.push(m);
+                    Ok(())
+                };
+                walk_with_progress(&mut f, &mut cb, pbr.as_ref())?
+            };
+            // Decode to the end: trailing blocks, and so the stream's own checks run (gzip CRC,
+            // a zstd frame cut short).
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match f.read_at(f.pos, &mut buf) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(Error::new(e.kind(), format!("after the end of the tar archive: {}", e.message())));
+                    }
+                }
+            }
+            let total = f.pos;
+            let rec = f.scanner.finish().ok_or_else(|| Error::corrupt("internal: no recorder"))?;
+            (end, total, rec)
+        }
+    };
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(Index { codec, members, end, total, points: rec.points, windows: rec.windows, cached: None })
+}
+
+fn walk_with_progress(
+    f: &mut ScanForward,
+    cb: &mut dyn FnMut(Member) -> Result<()>,
+    pb: Option<&indicatif::ProgressBar>,
+) -> Result<End> {
+    let mut n = 0u32;
+    let mut fwd = Tick { f, pb, n: &mut n };
+    tar::walk(&mut fwd, &keep, cb)
+}
+
+struct Tick<'a> {
+    f: &'a mut ScanForward,
+    pb: Option<&'a indicatif::ProgressBar>,
+    n: &'a mut u32,
+}
+
+impl Forward for Tick<'_> {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        *self.n += 1;
+        if let Some(pb) = self.pb
+            && (*self.n).is_multiple_of(64)
+        {
+            pb.set_position(self.f.progress());
+        }
+        self.f.read_at(off, buf)
+    }
+    fn stream_end(&self) -> Option<u64> {
+        self.f.stream_end()
+    }
+}
+
+// ---- the index file ----
+
+fn put(v: &mut Vec<u8>, x: u64) {
+    v.extend_from_slice(&x.to_le_bytes());
+}
+
+fn save(f: &File, tmp: &Path, path: &Path, id: &FileId, ix: &Index) -> Result<()> {
+    let mut m = Vec::new();
+    put(&mut m, id.dev);
+    put(&mut m, id.ino);
+    put(&mut m, id.size);
+    m.extend_from_slice(&id.mtime_ns.to_le_bytes());
+    m.push(ix.codec as u8);
+    m.push(matches!(ix.end, End::Marker) as u8);
+    put(&mut m, ix.total);
+    put(&mut m, ix.members.len() as u64);
+    for mem in &ix.members {
+        put(&mut m, mem.name.len() as u64);
+        m.extend_from_slice(mem.name.as_bytes());
+        put(&mut m, mem.offset);
+        put(&mut m, mem.size);
+        match &mem.content {
+            Some(c) => {
+                m.push(1);
+                put(&mut m, c.len() as u64);
+                m.extend_from_slice(c);
+            }
+            None => m.push(0),
+        }
+    }
+    put(&mut m, ix.points.len() as u64);
+    for p in &ix.points {
+        put(&mut m, p.out);
+        put(&mut m, p.inp);
+        m.push(p.bits);
+        m.push(p.member_start as u8);
+        put(&mut m, p.win_off);
+        put(&mut m, p.win_len as u64);
+    }
+    let meta_off = f.metadata().map_err(|e| Error::io("index file", e))?.len();
+    let mut tail = Vec::with_capacity(32);
+    put(&mut tail, meta_off);
+    put(&mut tail, m.len() as u64);
+    put(&mut tail, xxhash_rust::xxh64::xxh64(&m, 0));
+    tail.extend_from_slice(MAGIC);
+    let w = |e| Error::io("writing the index", e);
+    f.write_all_at(&m, meta_off).map_err(w)?;
+    f.write_all_at(&tail, meta_off + m.len() as u64).map_err(w)?;
+    (&*f).flush().map_err(w)?;
+    std::fs::rename(tmp, path).map_err(w)?;
+    // Older indexes of the same file (it was modified since) are useless now.
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+        let prefix = format!("xva-index-{:x}-{:x}-", id.dev, id.ino);
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with(&prefix) && n != name && !n.contains(".tmp-") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Rd<'a>(&'a [u8]);
+
+impl Rd<'_> {
+    fn u64(&mut self) -> Option<u64> {
+        let (a, b) = self.0.split_at_checked(8)?;
+        self.0 = b;
+        Some(u64::from_le_bytes(a.try_into().ok()?))
+    }
+    fn u8(&mut self) -> Option<u8> {
+        let (&a, b) = self.0.split_first()?;
+        self.0 = b;
+        Some(a)
+    }
+    fn bytes(&mut self, n: u64) -> Option<&[u8]> {
+        let (a, b) = self.0.split_at_checked(usize::try_from(n).ok()?)?;
+        self.0 = b;
+        Some(a)
+    }
+}
+
+fn load(path: &Path, id: &FileId) -> Option<Index> {
+    let f = File::open(path).ok()?;
+    let len = f.metadata().ok()?.len();
+    let mut tail = [0u8; 32];
+    f.read_exact_at(&mut tail, len.checked_sub(32)?).ok()?;
+    if &tail[24..] != MAGIC {
+        return None;
+    }
+    let mut t = Rd(&tail);
+    let (off, mlen, sum) = (t.u64()?, t.u64()?, t.u64()?);
+    if off.checked_add(mlen)? != len - 32 || mlen > 1 << 34 {
+        return None;
+    }
+    let mut m = vec![0u8; mlen as usize];
+    f.read_exact_at(&mut m, off).ok()?;
+    if xxhash_rust::xxh64::xxh64(&m, 0) != sum {
+        log::warn!("{}: damaged index; rebuilding it", path.display());
+        return None;
+    }
+    let mut r = Rd(&m);
+    let (dev, ino, size) = (r.u64()?, r.u64()?, r.u64()?);
+    let mtime = i128::from_le_bytes(r.bytes(16)?.try_into().ok()?);
+    if (dev, ino, size, mtime) != (id.dev, id.ino, id.size, id.mtime_ns) {
+        return None;
+    }
+    let codec = match r.u8()? {
+        0 => Codec::Plain,
+        1 => Codec::Gzip,
+        2 => Codec::Zstd,
+        _ => return None,
+    };
+    let end = if r.u8()? == 1 { End::Marker } else { End::Eof };
+    let total = r.u64()?;
+    let n = r.u64()?;
+    let mut members = Vec::with_capacity(n.min(1 << 24) as usize);
+    for _ in 0..n {
+        let nl = r.u64()?;
+        let name = String::from_utf8(r.bytes(nl)?.to_vec()).ok()?;
+        let (offset, size) = (r.u64()?, r.u64()?);
+        let content = match r.u8()? {
+            1 => {
+                let cl = r.u64()?;
+                Some(r.bytes(cl)?.to_vec())
+            }
+            _ => None,
+        };
+        members.push(Member { name, offset, size, content });
+    }
+    let n = r.u64()?;
+    let mut points = Vec::with_capacity(n.min(1 << 24) as usize);
+    for _ in 0..n {
+        let (out, inp, bits, ms) = (r.u64()?, r.u64()?, r.u8()?, r.u8()?);
+        let (win_off, win_len) = (r.u64()?, r.u64()?);
+        points.push(Point { out, inp, bits, member_start: ms == 1, win_off, win_len: u32::try_from(win_len).ok()? });
+    }
+    Some(Index { codec, members, end, total, points, windows: Windows::File(f), cached: Some(path.to_path_buf()) })
+}
