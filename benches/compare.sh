@@ -15,14 +15,18 @@
 #   convert   qemu-img convert -f raw -O raw of the mounted file to tmpfs (s);
 #             "native" rows convert the image file itself with its qemu driver
 # and prints absolute numbers and the ratios the targets are stated in.
+# Each number is the median of REPS runs (default 3); before each run the page cache is dropped
+# and only the files behind the measured mount are read back in (warming everything at once
+# makes this VM's page cache churn and slows every FUSE reader alike).
 # Environment: SIZE_MB (default 2048), FIO_SECS (default 8), SLOW_MB (default 256: how much of a
-# slow peer (vhdimount) dd reads), THREADS/READAHEAD_KB (vdiskfs mount knobs).
+# slow peer (vhdimount) dd reads), REPS (3), THREADS/READAHEAD_KB (vdiskfs mount knobs).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-/tmp/vdiskfs-bench}
 SIZE_MB=${SIZE_MB:-2048}
 FIO_SECS=${FIO_SECS:-8}
 SLOW_MB=${SLOW_MB:-256}
+REPS=${REPS:-3}
 THREADS=${THREADS:-4}
 READAHEAD_KB=${READAHEAD_KB:-1024}
 OUT=/dev/shm/vdiskfs-bench-out.raw
@@ -70,7 +74,12 @@ EOF
   "$FX" chain --layers 16 --from disk.raw chain16 >/dev/null
   "$FX" chain --layers 64 --from disk.raw chain64 >/dev/null
 fi
-sources="disk.raw disk.vhd disk.vhdx disk.vmdk chain1/*.vhd chain16/*.vhd chain64/*.vhd"
+# The files behind each row (warmed before each of its measures).
+declare -A SRC=([passthrough-raw]=disk.raw [vdiskfs-vhd]=disk.vhd [vdiskfs-vhdx]=disk.vhdx [vdiskfs-vmdk]=disk.vmdk
+  [vdiskfs-chain1]="chain1/*.vhd" [vdiskfs-chain16]="chain16/*.vhd" [vdiskfs-chain64]="chain64/*.vhd"
+  [qsd-vhd]=disk.vhd [qsd-vhdx]=disk.vhdx [qsd-vmdk]=disk.vmdk [vmdkmount-vmdk]=disk.vmdk [vhdimount-vhd]=disk.vhd
+  [native-vhd]=disk.vhd [native-vhdx]=disk.vhdx [native-vmdk]=disk.vmdk)
+sources=
 
 # ---- mounts -------------------------------------------------------------------------------
 wait_file() { for _ in $(seq 100); do [ -s "$1" ] && return 0; sleep 0.1; done; echo "no $1" >&2; return 1; }
@@ -106,6 +115,8 @@ for k in "${!FILE[@]}"; do wait_file "${FILE[$k]}"; done
 
 # ---- measures -----------------------------------------------------------------------------
 fresh() { sync; echo 3 > /proc/sys/vm/drop_caches; cat $sources > /dev/null; }
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+reps() { for _ in $(seq "$REPS"); do "$@"; done | median; }
 gbps() { awk '/copied/ { for (i = 1; i <= NF; i++) if ($i == "copied,") s = $(i+1); print $1 / s / 1e9 }'; }
 seq_read() { # file [iflag] [count]
   fresh
@@ -134,21 +145,23 @@ for r in "${rows[@]}"; do
   f=${FILE[$r]:-}
   [ -n "$f" ] || continue
   echo "measuring $r ..." >&2
+  sources=${SRC[$r]}
   count=
   [ "$r" = vhdimount-vhd ] && count=$SLOW_MB
-  R[$r,buf]=$(seq_read "$f" "" "$count")
-  R[$r,dio]=$(seq_read "$f" direct "$count")
+  R[$r,buf]=$(reps seq_read "$f" "" "$count")
+  R[$r,dio]=$(reps seq_read "$f" direct "$count")
   R[$r,rand]=$(rand4k "$f")
-  if [ "$r" = vhdimount-vhd ]; then R[$r,conv]=skipped; else R[$r,conv]=$(convert raw "$f"); fi
+  if [ "$r" = vhdimount-vhd ]; then R[$r,conv]=skipped; else R[$r,conv]=$(reps convert raw "$f"); fi
 done
-R[native-vhd,conv]=$(convert vpc disk.vhd)
-R[native-vhdx,conv]=$(convert vhdx disk.vhdx)
-R[native-vmdk,conv]=$(convert vmdk disk.vmdk)
+for fmt in vhd:vpc vhdx:vhdx vmdk:vmdk; do
+  sources=${SRC[native-${fmt%%:*}]}
+  R[native-${fmt%%:*},conv]=$(reps convert "${fmt#*:}" "disk.${fmt%%:*}")
+done
 
 # ---- report -------------------------------------------------------------------------------
 ratio() { if [ -n "${1:-}" ] && [ -n "${2:-}" ] && [ "$1" != skipped ] && [ "$2" != skipped ]; then echo "$1 / $2" | bc -l | xargs printf '%.2f'; else echo -n "-"; fi; }
 echo
-echo "vdiskfs read benchmark: ${SIZE_MB} MiB disk, half allocated; $(nproc) cores; $(uname -r); $(date -u +%F)"
+echo "vdiskfs read benchmark: ${SIZE_MB} MiB disk, half allocated; $(nproc) cores; $(uname -r); $(date -u +%F); medians of $REPS"
 echo "vdiskfs knobs: --threads $THREADS --readahead-kb $READAHEAD_KB (bdi read_ahead_kb set to match)"
 printf '\n%-18s %10s %10s %10s %10s\n' "mount" "seq-buf" "seq-dio" "rand4k" "convert"
 printf '%-18s %10s %10s %10s %10s\n' "" "GB/s" "GB/s" "IOPS" "s"

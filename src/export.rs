@@ -199,6 +199,25 @@ fn progress_bar(total: u64, show: bool, msg: &str) -> indicatif::ProgressBar {
     pb
 }
 
+/// Granularity of zero detection on zeroed targets (as `qemu-img convert -S 4k`).
+const ZERO_UNIT: usize = 4096;
+
+/// The runs of `buf` that are not all zeros, in units of [`ZERO_UNIT`], merged.
+fn nonzero_runs(buf: &[u8], zeros: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (k, unit) in buf.chunks(ZERO_UNIT).enumerate() {
+        if unit == &zeros[..unit.len()] {
+            continue;
+        }
+        let s = k * ZERO_UNIT;
+        match runs.last_mut() {
+            Some(last) if last.0 + last.1 == s => last.1 += unit.len(),
+            _ => runs.push((s, unit.len())),
+        }
+    }
+    runs
+}
+
 /// Exports `disk` to `cfg.target`. `sources` are the image files (never to be the target).
 pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<ExportStats> {
     let started = Instant::now();
@@ -231,67 +250,107 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Ex
         })
         .sum();
     let pb = progress_bar(total, cfg.progress, "export");
-    let (tx, rx) = crossbeam::channel::unbounded::<(usize, Job)>();
+    // Readers (several threads) read pieces of the disk; one writer puts them on the target. A
+    // file system serializes buffered writes to one file on its inode lock, so parallel writers
+    // only spin on each other; parallel reads are what pays (remote and deep chains).
+    let (job_tx, job_rx) = crossbeam::channel::unbounded::<(usize, Job)>();
     for (i, j) in jobs.iter().enumerate() {
-        let _ = tx.send((i, *j));
+        let _ = job_tx.send((i, *j));
     }
-    drop(tx);
+    drop(job_tx);
+    let readers = cfg.threads.max(1);
+    // (job index, job, data, its non-zero runs (all of it when the target is not zeroed))
+    type Piece = (usize, Job, Option<Vec<u8>>, Vec<(usize, usize)>);
+    let (out_tx, out_rx) = crossbeam::channel::bounded::<Piece>(readers * 2);
+    let (pool_tx, pool_rx) = crossbeam::channel::unbounded::<Vec<u8>>();
     let done: Vec<AtomicBool> = (0..jobs.len()).map(|_| AtomicBool::new(false)).collect();
     let (written, skipped, zeroed_bytes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<(u64, Error)>> = Mutex::new(None);
+    let fail = |at: u64, e: Error| {
+        stop.store(true, Ordering::Relaxed);
+        let mut f = failure.lock();
+        if f.as_ref().is_none_or(|(o, _)| at < *o) {
+            *f = Some((at, e));
+        }
+    };
+    let zero_piece = vec![0u8; PIECE as usize];
     let target = Arc::new(target);
     std::thread::scope(|s| {
-        for _ in 0..cfg.threads.max(1) {
+        for _ in 0..readers {
+            let out_tx = out_tx.clone();
             s.spawn(|| {
-                let mut buf = Vec::new();
-                while let Ok((i, job)) = rx.recv() {
+                let out_tx = out_tx;
+                while let Ok((i, job)) = job_rx.recv() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
-                    let r: Result<()> = match job {
-                        Job::Copy(off, n) => disk.read_into(off, n as usize, &mut buf).and_then(|()| {
-                            if zeroed && buf.iter().all(|&b| b == 0) {
-                                skipped.fetch_add(n, Ordering::Relaxed);
-                                Ok(())
-                            } else {
-                                target.file.write_all_at(&buf, off).map_err(|e| {
-                                    Error::io(format!("writing {n} bytes at {off:#x}"), e).in_file(cfg.target.display())
-                                })?;
-                                written.fetch_add(n, Ordering::Relaxed);
-                                Ok(())
-                            }
-                        }),
-                        Job::Zero(off, n) => zero_range(&target, off, n)
-                            .map(|()| {
-                                zeroed_bytes.fetch_add(n, Ordering::Relaxed);
-                            })
-                            .map_err(|e| {
-                                Error::io(format!("zeroing {n} bytes at {off:#x}"), e).in_file(cfg.target.display())
-                            }),
+                    let Job::Copy(off, n) = job else {
+                        let _ = out_tx.send((i, job, None, Vec::new()));
+                        continue;
                     };
-                    match r {
-                        Ok(()) => {
+                    let mut buf = pool_rx.try_recv().unwrap_or_default();
+                    match disk.read_into(off, n as usize, &mut buf) {
+                        // Compared with a zero buffer: memcmp is vectorized, a byte loop is not.
+                        Ok(()) if zeroed && buf[..] == zero_piece[..buf.len()] => {
+                            // Nothing to write at all.
+                            skipped.fetch_add(n, Ordering::Relaxed);
                             done[i].store(true, Ordering::Release);
-                            pb.inc(match job {
-                                Job::Copy(_, n) | Job::Zero(_, n) => n,
-                            });
+                            pb.inc(n);
+                            let _ = pool_tx.send(buf);
                         }
-                        Err(e) => {
-                            stop.store(true, Ordering::Relaxed);
-                            let at = match job {
-                                Job::Copy(o, _) | Job::Zero(o, _) => o,
-                            };
-                            let mut f = failure.lock();
-                            if f.as_ref().is_none_or(|(o, _)| at < *o) {
-                                *f = Some((at, e));
-                            }
-                            break;
+                        Ok(()) => {
+                            let runs = if zeroed { nonzero_runs(&buf, &zero_piece) } else { vec![(0, buf.len())] };
+                            let kept: usize = runs.iter().map(|r| r.1).sum();
+                            skipped.fetch_add(n - kept as u64, Ordering::Relaxed);
+                            let _ = out_tx.send((i, job, Some(buf), runs));
                         }
+                        Err(e) => fail(off, e),
                     }
                 }
             });
         }
+        drop(out_tx);
+        s.spawn(|| {
+            while let Ok((i, job, buf, runs)) = out_rx.recv() {
+                if stop.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let r = match (job, &buf) {
+                    (Job::Copy(off, _), Some(b)) => runs.iter().try_for_each(|&(s, l)| {
+                        let at = off + s as u64;
+                        target
+                            .file
+                            .write_all_at(&b[s..s + l], at)
+                            .map(|()| {
+                                written.fetch_add(l as u64, Ordering::Relaxed);
+                            })
+                            .map_err(|e| {
+                                Error::io(format!("writing {l} bytes at {at:#x}"), e).in_file(cfg.target.display())
+                            })
+                    }),
+                    (Job::Zero(off, n), _) => zero_range(&target, off, n)
+                        .map(|()| {
+                            zeroed_bytes.fetch_add(n, Ordering::Relaxed);
+                        })
+                        .map_err(|e| {
+                            Error::io(format!("zeroing {n} bytes at {off:#x}"), e).in_file(cfg.target.display())
+                        }),
+                    (Job::Copy(off, _), None) => Err(Error::corrupt(format!("internal: no data for {off:#x}"))),
+                };
+                let (Job::Copy(at, n) | Job::Zero(at, n)) = job;
+                match r {
+                    Ok(()) => {
+                        done[i].store(true, Ordering::Release);
+                        pb.inc(n);
+                    }
+                    Err(e) => fail(at, e),
+                }
+                if let Some(b) = buf {
+                    let _ = pool_tx.send(b);
+                }
+            }
+        });
     });
     pb.finish_and_clear();
     if let Some((at, e)) = failure.into_inner() {
@@ -374,5 +433,21 @@ fn verify(disk: &Disk, target: &File, cfg: &ExportConfig) -> Result<()> {
     match bad.into_inner() {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonzero_runs_merge_units_and_skip_zero_ones() {
+        let zeros = vec![0u8; 5 * ZERO_UNIT];
+        let mut b = vec![0u8; 5 * ZERO_UNIT - 100];
+        b[10] = 1;
+        b[ZERO_UNIT + 5] = 1;
+        b[4 * ZERO_UNIT + 7] = 1;
+        assert_eq!(nonzero_runs(&b, &zeros), vec![(0, 2 * ZERO_UNIT), (4 * ZERO_UNIT, ZERO_UNIT - 100)]);
+        assert!(nonzero_runs(&vec![0u8; 3 * ZERO_UNIT], &zeros).is_empty());
     }
 }
