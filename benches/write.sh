@@ -6,12 +6,14 @@
 #     rand-write  fio 4 KiB random writes, 4 jobs, direct, fsync at the end (IOPS)
 #   export        vdiskfs export  vs  qemu-img convert -O raw of the same VHD, target on tmpfs (s)
 #
-#   benches/write.sh [WORKDIR]      env: SIZE_MB (2048), FIO_SECS (8)
+#   benches/write.sh [WORKDIR]      env: SIZE_MB (2048), FIO_SECS (8), REPS (3: medians; the
+#   peers alternate run by run, since the final fsync's disk speed varies a lot on a shared VM)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 W=${1:-/tmp/vdiskfs-wbench}
 SIZE_MB=${SIZE_MB:-2048}
 FIO_SECS=${FIO_SECS:-8}
+REPS=${REPS:-3}
 [ "$(id -u)" = 0 ] || { echo "write.sh: run as root" >&2; exit 1; }
 (cd "$root" && cargo build --release -q --bins)
 V=$root/target/release/vdiskfs
@@ -58,26 +60,32 @@ teardown() {
   if [ "${#pids[@]}" -gt 0 ]; then kill "${pids[-1]}" 2>/dev/null; wait "${pids[-1]}" 2>/dev/null || true; unset 'pids[-1]'; fi
   sleep 0.5
 }
-declare -A R
-for p in vdiskfs qsd-qcow2; do
-  setup $p; fresh
-  t0=$(date +%s.%N)
-  dd if=disk.raw of="$F" bs=1M count=1024 oflag=direct conv=notrunc,fsync status=none
-  t1=$(date +%s.%N)
-  R[$p,seq]=$(echo "1.073741824 / ($t1 - $t0)" | bc -l | xargs printf '%.2f')
-  teardown
-  setup $p; fresh
-  R[$p,rand]=$(fio --name=w --filename="$F" --rw=randwrite --bs=4k --direct=1 --numjobs=4 --ioengine=psync \
-      --runtime="$FIO_SECS" --time_based --end_fsync=1 --group_reporting --output-format=json 2>/dev/null |
-    python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["iops"]))')
-  teardown
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+declare -A S
+for _ in $(seq "$REPS"); do
+  for p in vdiskfs qsd-qcow2; do
+    setup $p; fresh
+    t0=$(date +%s.%N)
+    dd if=disk.raw of="$F" bs=1M count=1024 oflag=direct conv=notrunc,fsync status=none
+    t1=$(date +%s.%N)
+    S[$p,seq]+="$(echo "1.073741824 / ($t1 - $t0)" | bc -l | xargs printf '%.2f') "
+    teardown
+    setup $p; fresh
+    S[$p,rand]+="$(fio --name=w --filename="$F" --rw=randwrite --bs=4k --direct=1 --numjobs=4 --ioengine=psync \
+        --runtime="$FIO_SECS" --time_based --end_fsync=1 --group_reporting --output-format=json 2>/dev/null |
+      python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["write"]["iops"]))') "
+    teardown
+  done
+  tm() { local t0 t1; fresh; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l | xargs printf '%.2f'; }
+  S[export]+="$(tm "$V" export --quiet disk.vhd /dev/shm/vdiskfs-wbench-e.raw) "; rm -f /dev/shm/vdiskfs-wbench-e.raw
+  S[convert]+="$(tm qemu-img convert -f vpc -O raw disk.vhd /dev/shm/vdiskfs-wbench-c.raw) "; rm -f /dev/shm/vdiskfs-wbench-c.raw
 done
-tm() { local t0 t1; fresh; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l | xargs printf '%.2f'; }
-R[export]=$(tm "$V" export --quiet disk.vhd /dev/shm/vdiskfs-wbench-e.raw); rm -f /dev/shm/vdiskfs-wbench-e.raw
-R[convert]=$(tm qemu-img convert -f vpc -O raw disk.vhd /dev/shm/vdiskfs-wbench-c.raw); rm -f /dev/shm/vdiskfs-wbench-c.raw
+declare -A R
+for k in "${!S[@]}"; do R[$k]=$(echo "${S[$k]}" | tr ' ' '\n' | grep . | median); done
 
 echo
-echo "vdiskfs write benchmark: ${SIZE_MB} MiB VHD, half allocated; $(nproc) cores; $(uname -r); $(date -u +%F)"
+echo "vdiskfs write benchmark: ${SIZE_MB} MiB VHD, half allocated; $(nproc) cores; $(uname -r); $(date -u +%F); medians of $REPS"
+for k in vdiskfs,seq qsd-qcow2,seq vdiskfs,rand qsd-qcow2,rand export convert; do echo "  runs $k: ${S[$k]}"; done
 printf '%-12s %12s %12s\n' "" "seq GB/s" "rand4k IOPS"
 for p in vdiskfs qsd-qcow2; do printf '%-12s %12s %12s\n' "$p" "${R[$p,seq]}" "${R[$p,rand]}"; done
 echo "ratios vdiskfs / qsd-qcow2: seq $(echo "${R[vdiskfs,seq]} / ${R[qsd-qcow2,seq]}" | bc -l | xargs printf '%.2f'), rand4k $(echo "${R[vdiskfs,rand]} / ${R[qsd-qcow2,rand]}" | bc -l | xargs printf '%.2f')"

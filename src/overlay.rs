@@ -457,8 +457,15 @@ impl Overlay {
         if !self.writable {
             return Ok(());
         }
-        // Phase 1, without blocking writers: flush the bulk of the dirty data.
-        self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay data", e))?;
+        // Phase 1, without blocking writers: flush the bulk of the dirty data, again while writers
+        // keep it slow, so that phase 2 has little left.
+        for _ in 0..4 {
+            let t = std::time::Instant::now();
+            self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay data", e))?;
+            if t.elapsed() < std::time::Duration::from_millis(50) {
+                break;
+            }
+        }
         // Phase 2, exclusive: flush what arrived meanwhile, then the map, in that order.
         let _epoch = self.epoch.write();
         let pages: Vec<u64> = std::mem::take(&mut *self.dirty.lock()).into_iter().collect();
