@@ -5,6 +5,7 @@ mod common;
 mod cli;
 mod corpus;
 mod overlay;
+mod robust;
 mod vhd;
 mod vhd_bad;
 mod vhdx;
