@@ -13,9 +13,9 @@ const LONG_ABOUT: &str = "\
 Mount VHD, VHDX, VMDK and XVA snapshot chains as flat raw image files.
 
 Each IMAGE is the top of a chain; its parents are found through the locators stored in the image
-and checked against the identity the child expects. The result is one read-only raw file per chain,
-MOUNTPOINT/<stem>.raw, that qemu-img, dd, losetup and virt-v2v read directly. Source images are
-only ever opened read-only.
+and checked against the identity the child expects. The result is one raw file per chain,
+MOUNTPOINT/<stem>.raw, that qemu-img, dd, losetup and virt-v2v read directly; it is read-only
+unless --overlay FILE takes the writes. Source images are only ever opened read-only.
 
 Examples:
   vdiskfs info child.vhd                      show the chain, top to base
@@ -38,16 +38,21 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Mount each chain as MOUNTPOINT/<stem>.raw (read-only).
-    #[command(long_about = "\
+    /// Mount each chain as MOUNTPOINT/<stem>.raw (read-only unless --overlay).
+    #[command(
+        override_usage = "vdiskfs mount [OPTIONS] IMAGE... MOUNTPOINT",
+        long_about = "\
 Mount each chain as MOUNTPOINT/<stem>.raw, where <stem> is the image's file name without its last
 extension. Stays in the foreground until unmounted (fusermount3 -u MOUNTPOINT, umount, Ctrl-C,
 SIGTERM). With --daemon it returns once the mount is ready: exit 0 when reads will succeed,
-non-zero with the error when opening failed.
+non-zero with the error when opening failed. With --overlay FILE the raw file is writable and
+every write goes to FILE (created if missing, reattached if present); the images are never
+written.
 
 Example:
   vdiskfs mount --daemon --parent-dir /srv/base vm-snap2.vhd /mnt/vm
-  losetup -r -f --show /mnt/vm/vm-snap2.raw")]
+  losetup -r -f --show /mnt/vm/vm-snap2.raw"
+    )]
     Mount(MountArgs),
     /// Show the chain top to base: format, sizes, identity, parent link, allocation.
     #[command(long_about = "\
@@ -161,8 +166,8 @@ pub fn default_cache_dir() -> PathBuf {
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// Images (the top of each chain), then the mount point directory.
-    #[arg(value_name = "IMAGE... MOUNTPOINT", required = true, num_args = 2..)]
+    /// IMAGE...: the top of each chain (an XVA: the export); MOUNTPOINT: an existing directory.
+    #[arg(value_name = "PATH", required = true, num_args = 2..)]
     pub paths: Vec<PathBuf>,
     #[command(flatten)]
     pub open: OpenArgs,
