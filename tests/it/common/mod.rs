@@ -359,3 +359,21 @@ pub fn refused(img: &Path, file: &Path, needles: &[&str]) {
         assert!(e.contains(&file.display().to_string()), "{e}");
     }
 }
+
+/// The real-consumer checks on a mounted raw file holding `fs.child`: qemu-img convert from the
+/// mount, dd with large direct and small buffered reads, and the ext4 partition through
+/// `losetup -o` (a file only in the child layer, and one from the base).
+pub fn assert_real_consumers(raw: &Path, fs: &FsPair) {
+    let t = tmpdir();
+    let out = t.path().join("conv.raw");
+    sh(&format!("qemu-img convert -f raw -O raw {} {}", raw.display(), out.display()));
+    assert_same("qemu-img convert of the mount", &std::fs::read(&out).unwrap(), &fs.child);
+    let dd = t.path().join("dd.raw");
+    sh(&format!("dd if={} of={} bs=1M iflag=direct status=none", raw.display(), dd.display()));
+    assert_same("dd iflag=direct", &std::fs::read(&dd).unwrap(), &fs.child);
+    sh(&format!("dd if={} of={} bs=4k skip=100 count=1000 status=none", raw.display(), dd.display()));
+    assert_same("dd bs=4k", &std::fs::read(&dd).unwrap(), &fs.child[409600..409600 + 4096000]);
+    let files = read_files_in_partition(raw, fs.part, &[&fs.child_file.0, &fs.base_file.0]);
+    assert_eq!(files[0], fs.child_file.1, "file written only in the child layer");
+    assert_eq!(files[1], fs.base_file.1, "file from the base layer");
+}
