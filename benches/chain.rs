@@ -4,7 +4,11 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use vdiskfs::chain::{Chain, MAP_BLOCK, OpenConfig};
+use std::sync::Arc;
+
+use vdiskfs::chain::{Chain, MAP_BLOCK};
+use vdiskfs::open::{OpenOptions, open_images};
+use vdiskfs::progress::Silent;
 use vdiskfs::source::Location;
 use vdiskfs::testkit::pattern;
 use vdiskfs::testkit::vhd::{Dialect, VhdBuilder};
@@ -13,7 +17,7 @@ const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
 
 /// A chain of `depth` layers over the same 64 MiB of data, 1 MiB stripes round-robin.
-fn chain(dir: &Path, depth: usize) -> Chain {
+fn chain(dir: &Path, depth: usize) -> Arc<Chain> {
     let mut parent: Option<std::path::PathBuf> = None;
     for k in 0..depth {
         let p = dir.join(format!("d{depth}-{k}.vhd"));
@@ -28,7 +32,8 @@ fn chain(dir: &Path, depth: usize) -> Chain {
         b.build(&p).unwrap();
         parent = Some(p);
     }
-    Chain::open(&Location::local(parent.unwrap()), &OpenConfig::default()).unwrap()
+    let disks = open_images(&[Location::local(parent.unwrap())], &OpenOptions::default(), &Silent).unwrap();
+    disks[0].chain().clone()
 }
 
 fn benches(c: &mut Criterion) {

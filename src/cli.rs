@@ -1,12 +1,16 @@
 //! The command line: clap types, validated into config types with no clap in them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::chain::{DEFAULT_MAX_DEPTH, OpenConfig};
-use crate::error::{Error, Result};
-use crate::fs::fuse::FuseOptions;
+use vdiskfs::chain::{DEFAULT_MAX_DEPTH, Limits, MAX_DEPTH_LIMIT};
+use vdiskfs::formats::xva;
+use vdiskfs::fs::fuse::FuseOptions;
+use vdiskfs::gate::Policy;
+use vdiskfs::open::OpenOptions;
+use vdiskfs::source::Location;
+use vdiskfs::{Error, Result};
 
 const ABOUT: &str = "Mount VHD, VHDX, VMDK and XVA snapshot chains as flat raw image files.";
 const LONG_ABOUT: &str = "\
@@ -97,6 +101,14 @@ Example:
     Check(InfoArgs),
 }
 
+impl Command {
+    /// Commands whose output is a report on stdout (a closed pipe should end them quietly);
+    /// `mount` and `export` are not, and must never die of SIGPIPE.
+    pub fn prints_to_stdout(&self) -> bool {
+        matches!(self, Command::Info(_) | Command::Map(_) | Command::Check(_))
+    }
+}
+
 /// How parents are found and checked (shared by every subcommand).
 #[derive(Debug, Args, Clone)]
 pub struct OpenArgs {
@@ -121,36 +133,44 @@ pub struct OpenArgs {
     /// Skip verifying checksums stored in images (XVA chunk checksums), for speed.
     #[arg(long)]
     pub no_verify: bool,
+    /// Accept block devices as parents or extents even when the chain's top is a regular file
+    /// (they are accepted anyway when the top is a block device, as on XenServer LVM storage).
+    #[arg(long)]
+    pub allow_devices: bool,
 }
 
 impl OpenArgs {
-    pub fn config(&self) -> Result<OpenConfig> {
+    pub fn options(&self) -> Result<OpenOptions> {
         for d in &self.parent_dirs {
             if !d.is_dir() {
                 return Err(Error::usage(format!("--parent-dir {}: not a directory", d.display())));
             }
         }
-        if self.max_depth == 0 || self.max_depth > crate::chain::MAX_DEPTH_LIMIT {
-            return Err(Error::usage(format!("--max-depth must be between 1 and {}", crate::chain::MAX_DEPTH_LIMIT)));
+        if self.max_depth == 0 || self.max_depth > MAX_DEPTH_LIMIT {
+            return Err(Error::usage(format!("--max-depth must be between 1 and {MAX_DEPTH_LIMIT}")));
         }
-        let parent_dirs = self
-            .parent_dirs
-            .iter()
-            .map(|d| std::path::absolute(d).map_err(|e| Error::io("--parent-dir", e)))
-            .collect::<Result<_>>()?;
-        Ok(OpenConfig {
-            parent_dirs,
-            trust_locators: self.trust_locators,
-            skip_identity_check: self.ignore_parent_id,
-            max_depth: self.max_depth,
-            cache_dir: Some(match &self.cache_dir {
-                Some(d) => std::path::absolute(d).map_err(|e| Error::io("--cache-dir", e))?,
-                None => default_cache_dir(),
-            }),
-            verify: !self.no_verify,
-            ..OpenConfig::default()
+        let parent_dirs = self.parent_dirs.iter().map(|d| absolute(d).map(Location::local)).collect::<Result<_>>()?;
+        let cache_dir = match &self.cache_dir {
+            Some(d) => absolute(d)?,
+            None => default_cache_dir(),
+        };
+        Ok(OpenOptions {
+            policy: Policy { parent_dirs, trust_locators: self.trust_locators, allow_devices: self.allow_devices },
+            limits: Limits { max_depth: self.max_depth, check_identity: !self.ignore_parent_id },
+            xva: xva::Options { cache_dir: Some(cache_dir), verify: !self.no_verify, ..Default::default() },
+            ..OpenOptions::default()
         })
     }
+}
+
+/// A path from the command line, made absolute (the daemon changes its directory to `/`).
+fn absolute(p: &Path) -> Result<PathBuf> {
+    std::path::absolute(p).map_err(|e| Error::io(p.display().to_string(), e))
+}
+
+/// An IMAGE argument as a location.
+pub fn image(p: &Path) -> Result<Location> {
+    absolute(p).map(Location::local)
 }
 
 /// `$XDG_CACHE_HOME/vdiskfs`, else `~/.cache/vdiskfs`, else `/var/cache/vdiskfs`.
@@ -203,9 +223,9 @@ pub struct MountArgs {
 /// A validated `mount`.
 #[derive(Debug)]
 pub struct MountConfig {
-    pub images: Vec<PathBuf>,
+    pub images: Vec<Location>,
     pub mountpoint: PathBuf,
-    pub open: OpenConfig,
+    pub open: OpenOptions,
     pub fuse: FuseOptions,
     pub daemon: bool,
     pub allow_other: bool,
@@ -224,11 +244,11 @@ impl MountArgs {
         if self.threads == 0 || self.threads > 256 {
             return Err(Error::usage("--threads must be between 1 and 256"));
         }
-        let mut open = self.open.config()?;
+        let mut open = self.open.options()?;
         open.map_cache_bytes = self.map_cache_mb.max(1) << 20;
-        let abs = |p: &PathBuf| std::path::absolute(p).map_err(|e| Error::io(p.display().to_string(), e));
+        let abs = |p: &PathBuf| absolute(p);
         Ok(MountConfig {
-            images: images.iter().map(abs).collect::<Result<_>>()?,
+            images: images.iter().map(|p| image(p)).collect::<Result<_>>()?,
             mountpoint: abs(mnt)?,
             open,
             fuse: FuseOptions { readahead: self.readahead_kb.clamp(4, 16 << 10) << 10, ..FuseOptions::default() },

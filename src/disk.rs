@@ -1,5 +1,6 @@
 //! A disk as consumers see it: a chain, and optionally an overlay that takes writes.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
@@ -30,6 +31,26 @@ impl Disk {
     pub fn with_overlay(mut self, overlay: Overlay) -> Self {
         self.overlay = Some(overlay);
         self
+    }
+
+    /// Attaches the overlay file at `path` (created if missing; refused if it is one of the
+    /// disk's sources or was made for another chain). `cluster` sizes a new overlay (0: the
+    /// default); `writable` false merges it read-only.
+    pub fn attach_overlay(self, path: &Path, cluster: u64, writable: bool) -> Result<Self> {
+        if let Ok(a) = std::fs::canonicalize(path)
+            && self.source_paths().iter().any(|s| std::fs::canonicalize(s).is_ok_and(|b| b == a))
+        {
+            return Err(Error::usage(format!("--overlay {} is one of the source images", path.display())));
+        }
+        let ov = Overlay::attach(path, self.size(), &self.chain.identity_text()?, cluster, writable)?;
+        Ok(self.with_overlay(ov))
+    }
+
+    /// Every local file this disk reads: each layer's file and the overlay. None of them may
+    /// ever be written by an export.
+    pub fn source_paths(&self) -> Vec<PathBuf> {
+        let layers = self.chain.layers().iter().filter_map(|l| l.location().as_path().map(Path::to_path_buf));
+        layers.chain(self.overlay.iter().map(|o| o.path().to_path_buf())).collect()
     }
 
     pub fn name(&self) -> &str {

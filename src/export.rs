@@ -8,7 +8,6 @@
 //! the sources, and it must be at least as large as the disk.
 
 use std::fs::{File, OpenOptions};
-use std::io::IsTerminal;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -19,7 +18,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::disk::Disk;
-use crate::error::{Error, Kind, Result};
+use crate::error::{Error, ErrorKind, Kind, Result};
+use crate::progress::Progress;
 
 const PIECE: u64 = 4 << 20;
 
@@ -31,8 +31,6 @@ pub struct ExportConfig {
     pub target_zeroed: bool,
     pub verify: bool,
     pub threads: usize,
-    /// Show a progress bar (only when stderr is a terminal).
-    pub progress: bool,
 }
 
 /// What was done.
@@ -59,8 +57,46 @@ struct Target {
     created: bool,
 }
 
-fn err(target: &Path, msg: impl Into<String>) -> Error {
-    Error::new(Kind::Denied, msg).in_file(target.display())
+/// Why an export refuses its target or fails.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("target is neither a regular file nor a block device")]
+    NotFileOrDevice,
+    #[error("target is the source {0}; sources are never written")]
+    IsSource(String),
+    #[error("target is attached to {0}; detach it first")]
+    LoopAttached(String),
+    #[error("target is in use (mounted, or held by another program); refusing to write it")]
+    InUse,
+    #[error("target is {len} bytes, smaller than the disk ({size} bytes)")]
+    TooSmall { len: u64, size: u64 },
+    #[error("verify failed: the target differs from the disk at {at:#x}")]
+    VerifyMismatch { at: u64 },
+    /// A copy that stopped: says how much of the target is good.
+    #[error(
+        "the target is INCOMPLETE: everything below {complete:#x} was written ({written} bytes of data in all); export failed at {at:#x}"
+    )]
+    Incomplete {
+        at: u64,
+        complete: u64,
+        written: u64,
+        #[source]
+        cause: Error,
+    },
+}
+
+impl ErrorKind for ExportError {
+    fn kind(&self) -> Kind {
+        match self {
+            ExportError::VerifyMismatch { .. } => Kind::Corrupt,
+            ExportError::Incomplete { cause, .. } => cause.kind(),
+            _ => Kind::Denied,
+        }
+    }
+}
+
+fn err(target: &Path, e: ExportError) -> Error {
+    Error::from(e).in_file(target.display())
 }
 
 /// Loop devices whose backing file is `path`.
@@ -94,20 +130,20 @@ fn open_target(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<T
         Ok(md) => {
             let ft = md.file_type();
             if !(ft.is_file() || ft.is_block_device()) {
-                return Err(err(t, "target is neither a regular file nor a block device"));
+                return Err(err(t, ExportError::NotFileOrDevice));
             }
             for s in sources {
                 if let Ok(smd) = std::fs::metadata(s)
                     && smd.dev() == md.dev()
                     && smd.ino() == md.ino()
                 {
-                    return Err(err(t, format!("target is the source {}; sources are never written", s.display())));
+                    return Err(err(t, ExportError::IsSource(s.display().to_string())));
                 }
             }
             if ft.is_file() {
                 let loops = loop_devices_backed_by(t);
                 if !loops.is_empty() {
-                    return Err(err(t, format!("target is attached to {}; detach it first", loops.join(", "))));
+                    return Err(err(t, ExportError::LoopAttached(loops.join(", "))));
                 }
             }
             // O_EXCL on a block device is an exclusive open: it fails if the device is mounted,
@@ -119,7 +155,7 @@ fn open_target(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<T
             }
             let file = oo.open(t).map_err(|e| {
                 if e.raw_os_error() == Some(libc::EBUSY) {
-                    err(t, "target is in use (mounted, or held by another program); refusing to write it")
+                    err(t, ExportError::InUse)
                 } else {
                     Error::io("cannot open target", e).in_file(t.display())
                 }
@@ -127,7 +163,7 @@ fn open_target(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<T
             let len =
                 (&file).seek_end().map_err(|e| Error::io("cannot find the target's size", e).in_file(t.display()))?;
             if len < size {
-                return Err(err(t, format!("target is {len} bytes, smaller than the disk ({size} bytes)")));
+                return Err(err(t, ExportError::TooSmall { len, size }));
             }
             Ok(Target { file, block_device: ft.is_block_device(), created: false })
         }
@@ -183,22 +219,6 @@ fn zero_range(t: &Target, off: u64, len: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-fn progress_bar(total: u64, show: bool, msg: &str) -> indicatif::ProgressBar {
-    if !show || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let pb = indicatif::ProgressBar::new(total);
-    pb.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    pb.set_message(msg.to_string());
-    pb
-}
-
 /// Granularity of zero detection on zeroed targets (as `qemu-img convert -S 4k`).
 const ZERO_UNIT: usize = 4096;
 
@@ -218,10 +238,11 @@ fn nonzero_runs(buf: &[u8], zeros: &[u8]) -> Vec<(usize, usize)> {
     runs
 }
 
-/// Exports `disk` to `cfg.target`. `sources` are the image files (never to be the target).
-pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<ExportStats> {
+/// Exports `disk` to `cfg.target`, reporting to `progress`. No file the disk reads may be the
+/// target.
+pub fn export(disk: &Disk, cfg: &ExportConfig, progress: &dyn Progress) -> Result<ExportStats> {
     let started = Instant::now();
-    let target = open_target(disk, cfg, sources)?;
+    let target = open_target(disk, cfg, &disk.source_paths())?;
     let zeroed = cfg.target_zeroed || target.created;
     let size = disk.size();
     // Plan: data ranges are copied; holes are zeroed unless the target is already zero.
@@ -249,7 +270,7 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Ex
             Job::Copy(_, n) | Job::Zero(_, n) => *n,
         })
         .sum();
-    let pb = progress_bar(total, cfg.progress, "export");
+    progress.start("export", total);
     // Readers (several threads) read pieces of the disk; one writer puts them on the target. A
     // file system serializes buffered writes to one file on its inode lock, so parallel writers
     // only spin on each other; parallel reads are what pays (remote and deep chains).
@@ -296,7 +317,7 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Ex
                             // Nothing to write at all.
                             skipped.fetch_add(n, Ordering::Relaxed);
                             done[i].store(true, Ordering::Release);
-                            pb.inc(n);
+                            progress.advance(n);
                             let _ = pool_tx.send(buf);
                         }
                         Ok(()) => {
@@ -336,13 +357,13 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Ex
                         .map_err(|e| {
                             Error::io(format!("zeroing {n} bytes at {off:#x}"), e).in_file(cfg.target.display())
                         }),
-                    (Job::Copy(off, _), None) => Err(Error::corrupt(format!("internal: no data for {off:#x}"))),
+                    (Job::Copy(off, _), None) => Err(Error::internal(format!("no data for {off:#x}"))),
                 };
                 let (Job::Copy(at, n) | Job::Zero(at, n)) = job;
                 match r {
                     Ok(()) => {
                         done[i].store(true, Ordering::Release);
-                        pb.inc(n);
+                        progress.advance(n);
                     }
                     Err(e) => fail(at, e),
                 }
@@ -352,7 +373,7 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Ex
             }
         });
     });
-    pb.finish_and_clear();
+    progress.finish();
     if let Some((at, e)) = failure.into_inner() {
         // Everything below the first unfinished job was written completely.
         let complete_upto = jobs
@@ -364,14 +385,8 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Ex
             })
             .unwrap_or(size);
         let _ = target.file.sync_all();
-        return Err(Error::new(
-            e.kind(),
-            format!(
-                "export failed at {at:#x}: {e}; the target is INCOMPLETE: everything below {complete_upto:#x} was written ({} bytes of data in all)",
-                written.load(Ordering::Relaxed)
-            ),
-        )
-        .in_file(cfg.target.display()));
+        let written = written.load(Ordering::Relaxed);
+        return Err(err(&cfg.target, ExportError::Incomplete { at, complete: complete_upto, written, cause: e }));
     }
     target.file.sync_all().map_err(|e| Error::io("syncing target", e).in_file(cfg.target.display()))?;
     let mut stats = ExportStats {
@@ -382,17 +397,17 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Ex
         verified: false,
     };
     if cfg.verify {
-        verify(disk, &target.file, cfg)?;
+        verify(disk, &target.file, cfg, progress)?;
         stats.verified = true;
     }
     Ok(stats)
 }
 
 /// Re-reads the target and compares it with the disk, piece by piece, in parallel.
-fn verify(disk: &Disk, target: &File, cfg: &ExportConfig) -> Result<()> {
+fn verify(disk: &Disk, target: &File, cfg: &ExportConfig, progress: &dyn Progress) -> Result<()> {
     let size = disk.size();
     let pieces = size.div_ceil(PIECE);
-    let pb = progress_bar(size, cfg.progress, "verify");
+    progress.start("verify", size);
     let next = AtomicU64::new(0);
     let bad: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
@@ -412,15 +427,12 @@ fn verify(disk: &Disk, target: &File, cfg: &ExportConfig) -> Result<()> {
                             .map_err(|e| Error::io(format!("re-reading {off:#x}"), e).in_file(cfg.target.display()))?;
                         match a.iter().zip(&b[..n]).position(|(x, y)| x != y) {
                             None => Ok(()),
-                            Some(k) => Err(Error::corrupt(format!(
-                                "verify failed: the target differs from the disk at {:#x}",
-                                off + k as u64
-                            ))
-                            .in_file(cfg.target.display())),
+                            Some(k) => Err(Error::from(ExportError::VerifyMismatch { at: off + k as u64 })
+                                .in_file(cfg.target.display())),
                         }
                     });
                     match r {
-                        Ok(()) => pb.inc(n as u64),
+                        Ok(()) => progress.advance(n as u64),
                         Err(e) => {
                             bad.lock().get_or_insert(e);
                         }
@@ -429,7 +441,7 @@ fn verify(disk: &Disk, target: &File, cfg: &ExportConfig) -> Result<()> {
             });
         }
     });
-    pb.finish_and_clear();
+    progress.finish();
     match bad.into_inner() {
         Some(e) => Err(e),
         None => Ok(()),

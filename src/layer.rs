@@ -118,6 +118,21 @@ pub struct ParentInfo {
     pub hints: Vec<Hint>,
     /// Filled in by the chain once the parent is found.
     pub resolved: Option<String>,
+    /// Set when the parent was not where the child names it (found by file name instead).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub found_by: Option<String>,
+}
+
+impl ParentInfo {
+    /// What a layer says of its parent link before the chain resolves it.
+    pub fn from_ref(p: &ParentRef) -> Self {
+        ParentInfo {
+            expected_identity: p.expect.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" or "),
+            hints: p.hints.clone(),
+            resolved: None,
+            found_by: None,
+        }
+    }
 }
 
 /// One image. Immutable after open; `map` does no data I/O (only table I/O, cached).

@@ -9,10 +9,28 @@ pub mod xva;
 
 use std::sync::Arc;
 
-use crate::chain::{Chain, OpenConfig};
 use crate::error::{Error, Result};
+use crate::gate::Gate;
 use crate::layer::Layer;
-use crate::source::{self, FileId, Location, Source};
+use crate::progress::Progress;
+use crate::source::Source;
+
+/// What a format may need besides its source: the gate for files the image names (VMDK
+/// extents), XVA's settings, and where to report progress of long scans.
+#[derive(Clone, Copy)]
+pub struct FormatContext<'a> {
+    pub gate: &'a Gate,
+    pub xva: &'a xva::Options,
+    pub progress: &'a dyn Progress,
+}
+
+/// What one source turned out to hold.
+pub enum Opened {
+    /// One layer of a chain (VHD, VHDX, VMDK); its parents are the chain's business.
+    Layer(Arc<dyn Layer>),
+    /// Whole disks, each a single layer without parent, named (XVA).
+    Disks(Vec<(String, Arc<dyn Layer>)>),
+}
 
 /// What a file's magic bytes say it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,30 +90,33 @@ fn tar_checksum_ok(h: &[u8]) -> bool {
     sum == stored && h[0] != 0
 }
 
-/// Opens one layer of a chain (not XVA, which holds whole disks, not layers).
-pub fn open_layer(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Arc<dyn Layer>> {
+/// Opens what `src` holds.
+pub fn open(src: Arc<dyn Source>, ctx: &FormatContext) -> Result<Opened> {
+    let format = detect(src.as_ref())?;
+    open_as(format, src, ctx)
+}
+
+fn open_as(format: Format, src: Arc<dyn Source>, ctx: &FormatContext) -> Result<Opened> {
+    Ok(match format {
+        Format::Vhd => Opened::Layer(Arc::new(vhd::VhdLayer::open(src)?)),
+        Format::Vhdx => Opened::Layer(vhdx::open(src)?),
+        Format::Vmdk => Opened::Layer(vmdk::open(src, ctx.gate)?),
+        Format::Xva => Opened::Disks(xva::open_disks(src, ctx.xva, ctx.progress)?),
+    })
+}
+
+/// Opens one layer of a chain (a parent): not an XVA, which holds whole disks, not layers.
+pub fn open_layer(src: Arc<dyn Source>, ctx: &FormatContext) -> Result<Arc<dyn Layer>> {
     match detect(src.as_ref())? {
-        Format::Vhd => Ok(Arc::new(vhd::VhdLayer::open(src)?)),
-        Format::Vhdx => vhdx::open(src, cfg),
-        Format::Vmdk => vmdk::open(src, cfg),
         Format::Xva => {
             Err(Error::unsupported("an XVA export holds whole disks and cannot be the parent of another image")
                 .in_file(src.location()))
         }
+        format => match open_as(format, src, ctx)? {
+            Opened::Layer(l) => Ok(l),
+            Opened::Disks(_) => Err(Error::internal("a layer format opened as disks")),
+        },
     }
-}
-
-/// Opens an image given on the command line as one or more named disks: a chain named
-/// `<stem>.raw` for VHD, VHDX and VMDK, one disk per VDI for XVA.
-pub fn open_image(loc: &Location, cfg: &OpenConfig) -> Result<Vec<(String, Chain)>> {
-    let src = source::open(loc)?;
-    if detect(src.as_ref())? == Format::Xva {
-        return xva::open_disks(src, cfg);
-    }
-    let id: Option<FileId> = src.id();
-    let layer = open_layer(src, cfg)?;
-    let name = raw_name(&loc.file_name());
-    Ok(vec![(name, Chain::open_from(layer, id, cfg)?)])
 }
 
 /// `<stem>.raw` for a file name: the name without its last extension.

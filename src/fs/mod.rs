@@ -1,6 +1,7 @@
 //! The filesystem as plain Rust: one directory holding one raw file per disk.
 //! Everything here returns `Result` and is testable without /dev/fuse; `fuse.rs` adapts it.
 
+pub mod background;
 pub mod fuse;
 
 use std::ffi::OsStr;

@@ -6,8 +6,8 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use vdiskfs::chain::OpenConfig;
-use vdiskfs::formats;
+use vdiskfs::open::{OpenOptions, open_images};
+use vdiskfs::progress::Silent;
 use vdiskfs::source::Location;
 use vdiskfs::testkit::{pattern, vhd, vhdx, vmdk, xva};
 
@@ -110,9 +110,9 @@ fn damage() -> impl Strategy<Value = Damage> {
 
 /// Opens and reads every disk of the damaged image; any error is fine, a panic is not.
 fn exercise(dir: &Path, open: &str) {
-    let cfg = OpenConfig::default();
-    let Ok(disks) = formats::open_image(&Location::local(dir.join(open)), &cfg) else { return };
-    for (_, chain) in disks {
+    let Ok(disks) = open_images(&[Location::local(dir.join(open))], &OpenOptions::default(), &Silent) else { return };
+    for disk in disks {
+        let chain = disk.chain();
         let _ = chain.describe();
         let _ = chain.allocated_bytes();
         let mut buf = vec![0u8; 256 << 10];

@@ -397,11 +397,7 @@ impl Layer for VhdLayer {
                 (d.block_size, d.allocated_blocks * d.block_size)
             }
         };
-        let parent = self.parent.as_ref().map(|p| ParentInfo {
-            expected_identity: p.expect.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" or "),
-            hints: p.hints.clone(),
-            resolved: None,
-        });
+        let parent = self.parent.as_ref().map(ParentInfo::from_ref);
         Ok(LayerInfo {
             path: self.location().to_string(),
             format: "vhd",

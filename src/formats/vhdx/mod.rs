@@ -45,7 +45,6 @@ use self::header::{Guid, HEADER_SECTION, Header, Region, guid};
 use self::metadata::Metadata;
 use super::bitset::{BitOrder, bitmap_run};
 use super::table::PagedTable;
-use crate::chain::OpenConfig;
 use crate::error::{Error as CrateError, Kind, Result};
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span, fmt_guid_le};
 use crate::source::{Location, Source};
@@ -106,7 +105,7 @@ const BAT_PAGES: usize = 16;
 const BITMAP_CACHE_BYTES: usize = 2 << 20;
 
 /// Opens one VHDX layer.
-pub fn open(src: Arc<dyn Source>, _cfg: &OpenConfig) -> Result<Arc<dyn Layer>> {
+pub fn open(src: Arc<dyn Source>) -> Result<Arc<dyn Layer>> {
     Ok(Arc::new(VhdxLayer::open(src)?))
 }
 
@@ -542,11 +541,7 @@ impl Layer for VhdxLayer {
             let keys: Vec<&str> = kv.iter().map(|(k, _)| k.as_str()).collect();
             details.push(("locator_keys".to_string(), keys.join(", ")));
         }
-        let parent = self.parent.as_ref().map(|p| ParentInfo {
-            expected_identity: p.expect.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" or "),
-            hints: p.hints.clone(),
-            resolved: None,
-        });
+        let parent = self.parent.as_ref().map(ParentInfo::from_ref);
         Ok(LayerInfo {
             path: self.location().to_string(),
             format: "vhdx",

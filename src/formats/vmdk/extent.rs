@@ -9,10 +9,10 @@ use super::descriptor::{ExtentLine, ExtentType};
 use super::grains::{ByteLru, Flavor, GrainMap};
 use super::hosted::{self, GD_AT_END, SECTOR};
 use super::sesparse;
-use crate::chain::OpenConfig;
 use crate::error::{Error as CrateError, Kind, Result};
+use crate::gate::{FoundBy, Gate};
 use crate::layer::Hint;
-use crate::source::{self, Location, Source};
+use crate::source::{Location, Source};
 
 /// One extent of a layer, placed in the layer's virtual disk.
 #[derive(Debug)]
@@ -23,6 +23,8 @@ pub struct Extent {
     /// The file, if the extent has one.
     pub path: Option<Location>,
     pub body: Body,
+    /// Set when the file was not where the descriptor says (found by file name instead).
+    pub found: Option<FoundBy>,
 }
 
 #[derive(Debug)]
@@ -186,33 +188,41 @@ fn sesparse_map(
     )
 }
 
-/// Opens the extents named by a descriptor.
-pub struct Opener<'a> {
-    pub cfg: &'a OpenConfig,
+/// Finds and opens the files a descriptor's extent lines name, through the gate (the same
+/// confinement and file-type rules as parents), each file once.
+pub struct ExtentFiles<'a> {
+    gate: &'a Gate,
     /// The descriptor file: extents resolve against its directory.
     pub desc: &'a Location,
     pub tables: Arc<ByteLru<(u32, u64)>>,
     opened: Vec<(Location, Arc<dyn Source>)>,
 }
 
-impl<'a> Opener<'a> {
-    pub fn new(cfg: &'a OpenConfig, desc: &'a Location, tables: Arc<ByteLru<(u32, u64)>>) -> Self {
-        Opener { cfg, desc, tables, opened: Vec::new() }
+impl<'a> ExtentFiles<'a> {
+    pub fn new(gate: &'a Gate, desc: &'a Location, tables: Arc<ByteLru<(u32, u64)>>) -> Self {
+        ExtentFiles { gate, desc, tables, opened: Vec::new() }
     }
 
     /// Finds extent `i`'s file under the same rules as parents: relative to the descriptor,
     /// then by name in its directory and the `--parent-dir`s; never outside them unless trusted.
-    fn resolve(&self, i: usize, file: &str) -> Result<Location> {
+    fn resolve(&mut self, i: usize, file: &str) -> Result<(Location, Arc<dyn Source>, FoundBy)> {
         let hint = Hint { kind: "extent".into(), path: file.into() };
-        let (cands, refused) = self.cfg.candidates(&self.desc.dir(), std::slice::from_ref(&hint));
-        if let Some(c) = cands.iter().find(|c| c.exists()) {
-            return Ok(c.clone());
+        let base = self.desc.dir();
+        let lookup = self.gate.lookup(&base, std::slice::from_ref(&hint));
+        for c in &lookup.candidates {
+            if let Some((_, s)) = self.opened.iter().find(|(l, _)| *l == c.loc) {
+                return Ok((c.loc.clone(), s.clone(), c.by.clone()));
+            }
+            if let Some(s) = self.gate.open_named(c, &base)? {
+                self.opened.push((c.loc.clone(), s.clone()));
+                return Ok((c.loc.clone(), s, c.by.clone()));
+            }
         }
         let p = file.replace('\\', "/");
         let absolute = p.starts_with('/') || (p.len() >= 2 && p.as_bytes()[1] == b':');
-        let looked: Vec<String> = cands.iter().map(|c| c.to_string()).collect();
+        let looked: Vec<String> = lookup.candidates.iter().map(|c| c.loc.to_string()).collect();
         let looked = if looked.is_empty() { "nowhere".to_string() } else { looked.join(", ") };
-        if (absolute && !self.cfg.trust_locators) || !refused.is_empty() {
+        if (absolute && !self.gate.policy().trust_locators) || !lookup.refused.is_empty() {
             return Err(CrateError::new(
                 Kind::Denied,
                 format!(
@@ -223,26 +233,18 @@ impl<'a> Opener<'a> {
         Err(CrateError::not_found(format!("extent {i} file '{file}' not found (looked for {looked})")))
     }
 
-    fn source(&mut self, loc: &Location) -> Result<Arc<dyn Source>> {
-        if let Some((_, s)) = self.opened.iter().find(|(l, _)| l == loc) {
-            return Ok(s.clone());
-        }
-        let s = source::open(loc)?;
-        self.opened.push((loc.clone(), s.clone()));
-        Ok(s)
-    }
-
     /// Opens extent `i`, which covers `[start, start + line.sectors * 512)` of the disk.
     pub fn open(&mut self, i: usize, start: u64, line: &ExtentLine) -> Result<Extent> {
         let len = line.sectors * SECTOR;
-        let mk = |path, body| Extent { start, len, line: line.clone(), path, body };
+        let mk = |path, body| Extent { start, len, line: line.clone(), path, body, found: None };
         let Some(file) = line.file.as_deref() else {
             return Ok(mk(None, Body::Zero));
         };
-        let loc = self.resolve(i, file)?;
-        let src = self.source(&loc)?;
+        let (loc, src, found) = self.resolve(i, file)?;
         let body = self.body(i, line, src).map_err(|e| e.in_file(&loc))?;
-        Ok(mk(Some(loc), body))
+        let mut e = mk(Some(loc), body);
+        e.found = (!found.as_stored()).then_some(found);
+        Ok(e)
     }
 
     fn body(&mut self, i: usize, line: &ExtentLine, src: Arc<dyn Source>) -> Result<Body> {

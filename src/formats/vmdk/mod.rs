@@ -45,12 +45,12 @@ use std::sync::Arc;
 pub use descriptor::{Descriptor, ExtentLine, ExtentType};
 
 use descriptor::{Access, CreateType, MAX_DESCRIPTOR};
-use extent::{Body, Extent, Opener, SparseHeader};
+use extent::{Body, Extent, ExtentFiles, SparseHeader};
 use grains::ByteLru;
 use hosted::SECTOR;
 
-use crate::chain::OpenConfig;
 use crate::error::{Error as CrateError, Kind, Result};
+use crate::gate::Gate;
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span};
 use crate::source::{Location, Source};
 
@@ -120,9 +120,9 @@ pub struct VmdkLayer {
 }
 
 /// Opens one VMDK layer from its descriptor or monolithic sparse file.
-pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Arc<dyn Layer>> {
+pub fn open(src: Arc<dyn Source>, gate: &Gate) -> Result<Arc<dyn Layer>> {
     let loc = src.location().clone();
-    Ok(Arc::new(VmdkLayer::open(src, cfg).map_err(|e| e.in_file(&loc))?))
+    Ok(Arc::new(VmdkLayer::open(src, gate).map_err(|e| e.in_file(&loc))?))
 }
 
 /// A suggestion for a bare extent: the descriptor ESXi or qemu would have written next to it.
@@ -141,13 +141,13 @@ fn descriptor_guess(loc: &Location, suffixes: &[&str]) -> String {
 }
 
 impl VmdkLayer {
-    pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<VmdkLayer> {
+    pub fn open(src: Arc<dyn Source>, gate: &Gate) -> Result<VmdkLayer> {
         let loc = src.location().clone();
         let len = src.len()?;
         let head = src.read_vec(0, len.min(512) as usize)?;
         let tables = Arc::new(ByteLru::new(TABLE_CACHE_BYTES));
         let (desc, desc_at, extents) = if head.starts_with(hosted::MAGIC) {
-            Self::open_monolithic(src, &loc, cfg, &tables)?
+            Self::open_monolithic(src, &loc, gate, &tables)?
         } else if head.starts_with(cowd::MAGIC) {
             return Err(CrateError::unsupported(format!(
                 "a vmfsSparse (COWD) delta extent has no parent or size information of its own: open the descriptor that names it{}",
@@ -164,7 +164,7 @@ impl VmdkLayer {
             }
             let text = descriptor::decode_text(&src.read_vec(0, len as usize)?);
             let desc = descriptor::parse(&text)?;
-            let extents = Self::open_extents(&desc, &loc, cfg, &tables)?;
+            let extents = Self::open_extents(&desc, &loc, gate, &tables)?;
             (desc, DescAt::File, extents)
         };
         let create_type = match desc.create_type.clone() {
@@ -210,7 +210,7 @@ impl VmdkLayer {
     fn open_monolithic(
         src: Arc<dyn Source>,
         loc: &Location,
-        cfg: &OpenConfig,
+        gate: &Gate,
         tables: &Arc<ByteLru<(u32, u64)>>,
     ) -> Result<(Descriptor, DescAt, Vec<Extent>)> {
         let (h, footer) = extent::read_hosted_header(src.as_ref())?;
@@ -238,7 +238,7 @@ impl VmdkLayer {
         let desc = descriptor::parse(&text)?;
         let desc_at = DescAt::Embedded { sector: h.desc_offset, sectors: h.desc_size };
         if h.capacity == 0 {
-            let extents = Self::open_extents(&desc, loc, cfg, tables)?;
+            let extents = Self::open_extents(&desc, loc, gate, tables)?;
             return Ok((desc, desc_at, extents));
         }
         let len = h.capacity.checked_mul(SECTOR).filter(|&l| l <= MAX_SIZE).ok_or_else(|| {
@@ -257,13 +257,13 @@ impl VmdkLayer {
             },
         };
         let body = Body::Sparse(Box::new(extent::Sparse { map, header: SparseHeader::Hosted { header: h, footer } }));
-        Ok((desc, desc_at, vec![Extent { start: 0, len, line, path: Some(loc.clone()), body }]))
+        Ok((desc, desc_at, vec![Extent { start: 0, len, line, path: Some(loc.clone()), body, found: None }]))
     }
 
     fn open_extents(
         desc: &Descriptor,
         loc: &Location,
-        cfg: &OpenConfig,
+        gate: &Gate,
         tables: &Arc<ByteLru<(u32, u64)>>,
     ) -> Result<Vec<Extent>> {
         if desc.extents.len() > MAX_EXTENTS {
@@ -272,7 +272,7 @@ impl VmdkLayer {
                 desc.extents.len()
             )));
         }
-        let mut opener = Opener::new(cfg, loc, tables.clone());
+        let mut files = ExtentFiles::new(gate, loc, tables.clone());
         let mut out = Vec::with_capacity(desc.extents.len());
         let mut start = 0u64;
         for (i, line) in desc.extents.iter().enumerate() {
@@ -286,7 +286,7 @@ impl VmdkLayer {
             let Some(end) = end else {
                 return Err(CrateError::corrupt("the extents add up to more than the 64 TiB limit"));
             };
-            out.push(opener.open(i, start, line)?);
+            out.push(files.open(i, start, line)?);
             start = end;
         }
         Ok(out)
@@ -445,6 +445,9 @@ impl Layer for VmdkLayer {
             if let Some(p) = &e.path {
                 v.push_str(&format!(" -> {p}"));
             }
+            if let Some(by) = &e.found {
+                v.push_str(&format!(" (found {})", by.describe()));
+            }
             v.push_str(&match &e.body {
                 Body::Zero => ": zeros".to_string(),
                 Body::Flat { offset, .. } => format!(": flat data from byte {offset}"),
@@ -460,11 +463,7 @@ impl Layer for VmdkLayer {
                 _ => None,
             })
             .unwrap_or(0);
-        let parent = self.parent.as_ref().map(|p| ParentInfo {
-            expected_identity: p.expect.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" or "),
-            hints: p.hints.clone(),
-            resolved: None,
-        });
+        let parent = self.parent.as_ref().map(ParentInfo::from_ref);
         Ok(LayerInfo {
             path: self.loc.to_string(),
             format: "vmdk",
@@ -538,7 +537,7 @@ mod tests {
     }
 
     fn read_all(bytes: Vec<u8>) -> Result<Vec<u8>> {
-        let layer = VmdkLayer::open(Arc::new(MemSource::new("t.vmdk", bytes)), &OpenConfig::default())?;
+        let layer = VmdkLayer::open(Arc::new(MemSource::new("t.vmdk", bytes)), &Gate::new(Default::default()))?;
         let mut out = vec![0u8; layer.virtual_size() as usize];
         let mut pos = 0;
         while pos < layer.virtual_size() {

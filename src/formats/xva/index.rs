@@ -41,7 +41,12 @@ fn keep(name: &str, size: u64) -> bool {
 }
 
 /// Loads the cached index of `src`, or builds (and caches) it.
-pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>) -> Result<Index> {
+pub fn open(
+    src: &Arc<dyn Source>,
+    codec: Codec,
+    cache_dir: Option<&Path>,
+    _progress: &dyn crate::progress::Progress,
+) -> Result<Index> {
     let id = src.id();
     let path = match (cache_dir, id) {
         (Some(d), Some(id)) => {

@@ -43,9 +43,9 @@ use chunks::{Chunk, Layout};
 use ovaxml::Export;
 use stream::{Codec, Compressed};
 
-use crate::chain::{Chain, OpenConfig};
 use crate::error::{Error as CrateError, Kind, Result};
 use crate::layer::{Identity, Layer, LayerInfo, ParentRef, Span};
+use crate::progress::Progress;
 use crate::source::{Location, Source};
 
 /// Bound on the size of `ova.xml` read into memory.
@@ -118,18 +118,36 @@ impl Archive {
     }
 }
 
-/// Opens every disk of an XVA export as `(<name>.raw, chain)`.
-pub fn open_disks(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, Chain)>> {
+/// How exports are read.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where indexes of archives (tar member index, compressed-stream restart points) are kept.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// Verify chunk checksums on first read.
+    pub verify: bool,
+    /// Bound of the on-disk block cache for compressed streams without restart points.
+    pub block_cache_bytes: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { cache_dir: None, verify: true, block_cache_bytes: DEFAULT_BLOCK_CACHE }
+    }
+}
+
+/// Opens every disk of an XVA export as `(<name>.raw, layer)`.
+pub fn open_disks(
+    src: Arc<dyn Source>,
+    opts: &Options,
+    progress: &dyn Progress,
+) -> Result<Vec<(String, Arc<dyn Layer>)>> {
     let loc = src.location().clone();
-    let disks = open(src, cfg).map_err(|e| e.in_file(&loc))?;
-    Ok(disks
-        .into_iter()
-        .map(|(name, d)| (name, Chain::from_layers(vec![Arc::new(d) as Arc<dyn Layer>], cfg)))
-        .collect())
+    let disks = open(src, opts, progress).map_err(|e| e.in_file(&loc))?;
+    Ok(disks.into_iter().map(|(name, d)| (name, Arc::new(d) as Arc<dyn Layer>)).collect())
 }
 
 /// Opens the archive and returns its disks, named and in order.
-pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDisk)>> {
+pub fn open(src: Arc<dyn Source>, opts: &Options, progress: &dyn Progress) -> Result<Vec<(String, XvaDisk)>> {
     let head = src.read_vec(0, src.len()?.min(512) as usize)?;
     let codec = Codec::detect(&head);
     if codec == Codec::Plain && !looks_like_tar(&head) {
@@ -141,7 +159,7 @@ pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDi
         };
         return Err(CrateError::unsupported(what));
     }
-    let ix = index::open(&src, codec, cfg.cache_dir.as_deref())?;
+    let ix = index::open(&src, codec, opts.cache_dir.as_deref(), progress)?;
     let first = ix.members.first();
     let ova = match first {
         Some(m) if m.name == "ova.xml" => m,
@@ -207,8 +225,8 @@ pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDi
             ix.points,
             ix.windows,
             ix.total,
-            cfg.cache_dir.as_deref(),
-            DEFAULT_BLOCK_CACHE,
+            opts.cache_dir.as_deref(),
+            opts.block_cache_bytes,
         )?)),
     };
     let mounted: Vec<String> = disks.iter().map(|d| vdis[d.vdi].0.clone()).filter(|id| !suspend.contains(id)).collect();
@@ -234,7 +252,7 @@ pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDi
                 vbd: vbd.map(|b| (b.ty.clone(), b.userdevice.clone())),
                 chunks: d.chunks.into(),
                 verified: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-                verify: cfg.verify,
+                verify: opts.verify,
                 digits: d.digits,
                 keepalives: d.keepalives,
                 recent: Mutex::new(LruCache::new(RECENT_CHUNKS)),
@@ -484,7 +502,7 @@ mod tests {
 
     fn open_mem(bytes: Vec<u8>) -> Vec<(String, XvaDisk)> {
         let src: Arc<dyn Source> = Arc::new(MemSource::new("vm.xva", bytes));
-        open(src, &OpenConfig::default()).unwrap()
+        open(src, &Options::default(), &crate::progress::Silent).unwrap()
     }
 
     #[test]

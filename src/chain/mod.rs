@@ -1,0 +1,260 @@
+//! A chain: top → base list of layers, with parent identity checked, resolving virtual ranges
+//! to extents through a cached, merged block map.
+//!
+//! Resolution walks down only for `Parent` spans, so a block fully owned by the top layer never
+//! touches its parents. The result for each 1 MiB map block is cached in a byte-bounded
+//! [`ByteCache`], so a repeated read costs one hash lookup however deep the chain is. The cache
+//! lock is held only for lookup and insert, never across a table or data read.
+//!
+//! - [`parents`]: following parent links (depth limit, cycles, identity), through a resolver;
+//! - [`extent`]: resolved extents and the one iterator over them.
+
+mod extent;
+mod parents;
+
+use std::fmt;
+use std::sync::Arc;
+
+pub use extent::{Extent, ExtentKind, Extents};
+pub use parents::{ChainError, DEFAULT_MAX_DEPTH, Limits, Link, MAX_DEPTH_LIMIT, ParentResolver};
+
+use crate::cache::ByteCache;
+use crate::error::{Error, Result};
+use crate::gate::FoundBy;
+use crate::layer::{Layer, LayerInfo, SpanKind};
+use extent::push_merged;
+
+/// Granularity of the merged block map.
+pub const MAP_BLOCK: u64 = 1 << 20;
+/// Shards of the merged block map cache (FUSE threads read in parallel).
+const MAP_SHARDS: usize = 16;
+
+/// A chain of layers, top first.
+pub struct Chain {
+    layers: Vec<Arc<dyn Layer>>,
+    /// How each parent was found (index 0, the top, is `None`).
+    found: Vec<Option<FoundBy>>,
+    size: u64,
+    cache: ByteCache<u64, Arc<[Extent]>>,
+}
+
+impl fmt::Debug for Chain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chain").field("layers", &self.layers).field("size", &self.size).finish()
+    }
+}
+
+/// A run of data waiting to be read in one go by [`Chain::read`].
+struct PendingRun {
+    depth: u16,
+    source: u32,
+    file_offset: u64,
+    buf_start: usize,
+    len: usize,
+}
+
+impl Chain {
+    /// Follows `top`'s parents through `resolver`, checking depth, cycles and identities.
+    pub fn open(top: Link, resolver: &dyn ParentResolver, limits: Limits, map_cache_bytes: usize) -> Result<Chain> {
+        let links = parents::follow(top, resolver, limits)?;
+        let found = links.iter().map(|l| l.found.clone()).collect();
+        let layers = links.into_iter().map(|l| l.layer).collect();
+        let mut chain = Self::from_layers(layers, map_cache_bytes);
+        chain.found = found;
+        Ok(chain)
+    }
+
+    /// A chain over layers that were linked by the caller (top first; at least one).
+    pub fn from_layers(layers: Vec<Arc<dyn Layer>>, map_cache_bytes: usize) -> Chain {
+        let size = layers.first().map_or(0, |l| l.virtual_size());
+        let found = vec![None; layers.len()];
+        Chain { layers, found, size, cache: ByteCache::sharded(map_cache_bytes, MAP_SHARDS) }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn layers(&self) -> &[Arc<dyn Layer>] {
+        &self.layers
+    }
+    pub fn depth(&self) -> usize {
+        self.layers.len()
+    }
+    /// Number of map blocks currently cached (for tests and statistics).
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Text naming this chain's content: format, identity and size of every layer, top first.
+    /// An overlay records it and refuses to attach to anything else.
+    pub fn identity_text(&self) -> Result<String> {
+        let mut parts = Vec::new();
+        for l in &self.layers {
+            let d = l.describe()?;
+            let id = if d.identity.is_empty() { l.location().file_name() } else { d.identity };
+            parts.push(format!("{}:{}:{}", d.format, id, d.virtual_size));
+        }
+        Ok(parts.join(" > "))
+    }
+
+    /// `info` for every layer, top first, with resolved parent paths and how they were found.
+    pub fn describe(&self) -> Result<Vec<LayerInfo>> {
+        let mut out = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let mut info = l.describe()?;
+            if let (Some(p), Some(parent)) = (info.parent.as_mut(), self.layers.get(i + 1)) {
+                p.resolved = Some(parent.location().to_string());
+                if let Some(by) = self.found.get(i + 1).cloned().flatten()
+                    && !by.as_stored()
+                {
+                    p.found_by = Some(by.describe().to_string());
+                }
+            }
+            out.push(info);
+        }
+        Ok(out)
+    }
+
+    /// The extents of `[from, size)`, in order, merged: the one walk over the chain's map.
+    pub fn walk(&self, from: u64) -> Extents<'_> {
+        Extents::new(self, from, self.size)
+    }
+
+    /// Resolves `[start, start + len)` without the cache, merging adjacent extents. Layers return
+    /// long spans for long unallocated runs, so this is cheap for large windows.
+    pub fn extents(&self, start: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = start.saturating_add(len).min(self.size);
+        let mut out = Vec::new();
+        if start < end {
+            self.resolve(0, start, end, &mut out)?;
+        }
+        Ok(out)
+    }
+
+    fn resolve(&self, depth: usize, start: u64, end: u64, out: &mut Vec<Extent>) -> Result<()> {
+        let n = self.layers.len() as u16;
+        let Some(layer) = self.layers.get(depth) else {
+            push_merged(out, Extent { start, len: end - start, kind: ExtentKind::Zero { depth: n } });
+            return Ok(());
+        };
+        let vsize = layer.virtual_size();
+        let mut pos = start;
+        while pos < end {
+            if pos >= vsize {
+                // A parent smaller than its child: nothing below can hold this range.
+                push_merged(out, Extent { start: pos, len: end - pos, kind: ExtentKind::Zero { depth: n } });
+                break;
+            }
+            let want = end.min(vsize) - pos;
+            let span = layer.map(pos, want)?;
+            if span.len == 0 || span.len > want {
+                return Err(Error::internal(format!(
+                    "layer returned a span of {} bytes for a request of {want} at {pos:#x}",
+                    span.len
+                ))
+                .in_file(layer.location()));
+            }
+            let kind = match span.kind {
+                SpanKind::Data { source, offset } => ExtentKind::Data {
+                    depth: depth as u16,
+                    source: u32::try_from(source).map_err(|_| Error::internal("source index out of range"))?,
+                    offset,
+                },
+                SpanKind::Zero => ExtentKind::Zero { depth: depth as u16 },
+                SpanKind::Parent => {
+                    self.resolve(depth + 1, pos, pos + span.len, out)?;
+                    pos += span.len;
+                    continue;
+                }
+            };
+            push_merged(out, Extent { start: pos, len: span.len, kind });
+            pos += span.len;
+        }
+        Ok(())
+    }
+
+    /// The extents of map block `block`, from the cache or resolved and cached.
+    pub fn block_extents(&self, block: u64) -> Result<Arc<[Extent]>> {
+        self.cache.get_or_load(block, || Ok(self.extents(block * MAP_BLOCK, MAP_BLOCK)?.into()))
+    }
+
+    /// Fills `buf` with the virtual disk's bytes at `offset`. The range must lie inside the disk.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        debug_assert!(end <= self.size);
+        let mut pending: Option<PendingRun> = None;
+        let mut block = offset / MAP_BLOCK;
+        while block * MAP_BLOCK < end {
+            let exts = self.block_extents(block)?;
+            for e in exts.iter() {
+                let s = e.start.max(offset);
+                let t = e.end().min(end);
+                if s >= t {
+                    continue;
+                }
+                let (bs, bl) = ((s - offset) as usize, (t - s) as usize);
+                match e.kind {
+                    ExtentKind::Data { depth, source, offset: fo } => {
+                        let fo = fo + (s - e.start);
+                        if let Some(p) = &mut pending {
+                            if p.depth == depth
+                                && p.source == source
+                                && p.file_offset + p.len as u64 == fo
+                                && p.buf_start + p.len == bs
+                            {
+                                p.len += bl;
+                                continue;
+                            }
+                            self.read_run(p, buf)?;
+                        }
+                        pending = Some(PendingRun { depth, source, file_offset: fo, buf_start: bs, len: bl });
+                    }
+                    ExtentKind::Zero { .. } => buf[bs..bs + bl].fill(0),
+                }
+            }
+            block += 1;
+        }
+        if let Some(p) = &pending {
+            self.read_run(p, buf)?;
+        }
+        Ok(())
+    }
+
+    fn read_run(&self, p: &PendingRun, buf: &mut [u8]) -> Result<()> {
+        self.layers[p.depth as usize].read(p.source as usize, p.file_offset, &mut buf[p.buf_start..p.buf_start + p.len])
+    }
+
+    /// First offset `>= from` holding data, or `None` if only holes follow.
+    pub fn next_data(&self, from: u64) -> Result<Option<u64>> {
+        for e in self.walk(from) {
+            let e = e?;
+            if e.is_data() {
+                return Ok(Some(e.start));
+            }
+        }
+        Ok(None)
+    }
+
+    /// First offset `>= from` in a hole (zeros or unallocated); the disk end counts as a hole.
+    pub fn next_hole(&self, from: u64) -> Result<u64> {
+        for e in self.walk(from) {
+            let e = e?;
+            if !e.is_data() {
+                return Ok(e.start);
+            }
+        }
+        Ok(self.size)
+    }
+
+    /// Bytes of the virtual disk that some layer stores data for.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for e in self.walk(0) {
+            let e = e?;
+            if e.is_data() {
+                total += e.len;
+            }
+        }
+        Ok(total)
+    }
+}

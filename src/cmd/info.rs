@@ -1,0 +1,68 @@
+//! `vdiskfs info`: the chain top to base, as text or JSON.
+
+use serde_json::json;
+use vdiskfs::Result;
+use vdiskfs::open::open_images;
+
+use super::human;
+use super::progress::Bar;
+use crate::cli::{InfoArgs, image};
+
+pub fn run(a: &InfoArgs) -> Result<()> {
+    let disks = open_images(&[image(&a.image)?], &a.open.options()?, &Bar::new(true))?;
+    let mut out = Vec::new();
+    for d in &disks {
+        out.push((d, d.chain().describe()?));
+    }
+    if a.json {
+        let v = json!({
+            "image": a.image.display().to_string(),
+            "disks": out.iter().map(|(d, layers)| json!({
+                "name": d.name(),
+                "virtual_size": d.size(),
+                "layers": layers.iter().enumerate().map(|(i, l)| {
+                    let mut v = serde_json::to_value(l).expect("plain data");
+                    v["depth"] = json!(i);
+                    v["details"] = l.details.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>().into();
+                    v
+                }).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("plain data"));
+        return Ok(());
+    }
+    for (d, layers) in &out {
+        println!("disk {}: {} ({} bytes), {} layer(s)", d.name(), human(d.size()), d.size(), layers.len());
+        for (i, l) in layers.iter().enumerate() {
+            let role = if i == 0 {
+                " (top)"
+            } else if i + 1 == layers.len() {
+                " (base)"
+            } else {
+                ""
+            };
+            println!("  [{i}]{role} {}", l.path);
+            println!("      format:        {} {}", l.format, l.subformat);
+            println!("      virtual size:  {} ({} bytes)", human(l.virtual_size), l.virtual_size);
+            if l.block_size > 0 {
+                println!("      block size:    {}", human(l.block_size));
+            }
+            println!("      identity:      {}", l.identity);
+            println!("      allocated:     {} ({} bytes)", human(l.allocated_bytes), l.allocated_bytes);
+            if let Some(p) = &l.parent {
+                println!("      parent:        expects {}", p.expected_identity);
+                if let Some(r) = &p.resolved {
+                    println!("      parent found:  {r}");
+                }
+                for h in &p.hints {
+                    println!("      locator:       {} {}", h.kind, h.path);
+                }
+            }
+            let w = l.details.iter().map(|(k, _)| k.len() + 1).max().unwrap_or(0).max(14);
+            for (k, v) in &l.details {
+                println!("      {:<w$} {v}", format!("{k}:"));
+            }
+        }
+    }
+    Ok(())
+}

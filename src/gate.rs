@@ -1,0 +1,285 @@
+//! The gate: the one place where a name written inside an image (a parent locator, a VMDK extent
+//! line) becomes an opened source.
+//!
+//! A hostile image must not be able to expose `/etc/shadow` or `/dev/sda` through a mount, hang
+//! the daemon on a FIFO, or arm `/dev/watchdog`. So every such name passes three checks here:
+//! - **confinement**: a relative name must stay, lexically, inside the directory of the image
+//!   that names it or a `--parent-dir`; an absolute one is not followed unless the user says
+//!   `--trust-locators`. A bare file name is also looked for in those directories, in order.
+//! - **symlinks**: a name that is a symlink is followed only when its final target passes the
+//!   same confinement (checked on the canonical paths). One exception keeps XenServer LVM
+//!   storage working: `/dev/VG_XenStorage-*/VHD-*` names are symlinks to `/dev/dm-*`, so a
+//!   symlink to a device-mapper node is accepted where block devices are.
+//! - **file type**: only regular files, and block devices where the chain's own top is a block
+//!   device or the user passed `--allow-devices`; checked before anything is read and without
+//!   blocking (see [`LocalSource::open`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind, Kind, Result};
+use crate::layer::Hint;
+use crate::source::{FileTypes, LocalSource, Location, Source, normalize};
+
+/// What the user allows beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Extra directories searched for named files (by file name) and allowed as their location.
+    pub parent_dirs: Vec<Location>,
+    /// Follow absolute or out-of-tree names stored in images.
+    pub trust_locators: bool,
+    /// Accept block devices as named files even when the chain's top is a regular file.
+    pub allow_devices: bool,
+}
+
+/// How a candidate location was derived from the names in an image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FoundBy {
+    /// The stored name itself, resolved against the naming image's directory.
+    Locator(String),
+    /// The stored name's file name, beside the naming image.
+    NameBesideImage,
+    /// The stored name's file name, in a `--parent-dir`.
+    NameInParentDir,
+}
+
+impl FoundBy {
+    /// True when the file is where the image says; otherwise `info` says how it was found.
+    pub fn as_stored(&self) -> bool {
+        matches!(self, FoundBy::Locator(_))
+    }
+    pub fn describe(&self) -> &'static str {
+        match self {
+            FoundBy::Locator(_) => "where the image names it",
+            FoundBy::NameBesideImage => "by file name beside the image, not where the image names it",
+            FoundBy::NameInParentDir => "by file name in a --parent-dir, not where the image names it",
+        }
+    }
+}
+
+/// One place a named file may be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub loc: Location,
+    pub by: FoundBy,
+}
+
+/// The places to try, in order, and the names refused by confinement (for the error message).
+#[derive(Debug, Clone, Default)]
+pub struct Lookup {
+    pub candidates: Vec<Candidate>,
+    pub refused: Vec<String>,
+}
+
+/// What the gate refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error(
+        "is a symbolic link to {target}, outside the image's directory and every --parent-dir: refused to follow it (--trust-locators allows it)"
+    )]
+    SymlinkEscapes { target: String },
+}
+
+impl ErrorKind for GateError {
+    fn kind(&self) -> Kind {
+        Kind::Denied
+    }
+}
+
+/// The gate for one chain (its top decides whether block devices may be named).
+#[derive(Debug, Clone)]
+pub struct Gate {
+    policy: Arc<Policy>,
+    devices: bool,
+}
+
+impl Gate {
+    pub fn new(policy: Arc<Policy>) -> Self {
+        let devices = policy.allow_devices;
+        Gate { policy, devices }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Opens the top of a chain, named by the user: a regular file or a block device. Files the
+    /// image names may then be block devices if the top is one.
+    pub fn open_top(&self, loc: &Location) -> Result<(Gate, Arc<dyn Source>)> {
+        match loc {
+            Location::Local(p) => {
+                let src = LocalSource::open(p, FileTypes::RegularOrBlockDevice)?;
+                let gate = Gate { policy: self.policy.clone(), devices: self.devices || src.is_block_device() };
+                Ok((gate, Arc::new(src)))
+            }
+        }
+    }
+
+    /// The places a file named by `hints` (written inside an image living in `base_dir`) may be
+    /// looked for, in order: each relative hint against `base_dir`; each hint's file name in
+    /// `base_dir`; then in every `--parent-dir`.
+    pub fn lookup(&self, base_dir: &Location, hints: &[Hint]) -> Lookup {
+        let p = &self.policy;
+        let mut out = Lookup::default();
+        let push = |loc: Location, by: FoundBy, out: &mut Lookup| {
+            if !out.candidates.iter().any(|c| c.loc == loc) {
+                out.candidates.push(Candidate { loc, by })
+            }
+        };
+        for h in hints {
+            let path = unixify(&h.path);
+            if path.is_empty() {
+                continue;
+            }
+            if is_absolute(&path) {
+                if p.trust_locators && path.starts_with('/') {
+                    push(Location::local(&path), FoundBy::Locator(h.kind.clone()), &mut out);
+                }
+                continue;
+            }
+            match base_dir.join(&path) {
+                Some(l) if p.trust_locators || self.confined(&l, base_dir) => {
+                    push(l, FoundBy::Locator(h.kind.clone()), &mut out)
+                }
+                _ => out.refused.push(format!("{} {}", h.kind, h.path)),
+            }
+        }
+        let names: Vec<String> = hints.iter().filter_map(|h| base_name(&unixify(&h.path))).collect();
+        for n in &names {
+            if let Some(l) = base_dir.join(n) {
+                push(l, FoundBy::NameBesideImage, &mut out);
+            }
+        }
+        for dir in &p.parent_dirs {
+            for n in &names {
+                if let Some(l) = dir.join(n) {
+                    push(l, FoundBy::NameInParentDir, &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    /// True when `loc` lies (lexically) in `base_dir` or a `--parent-dir`.
+    fn confined(&self, loc: &Location, base_dir: &Location) -> bool {
+        loc.is_within(base_dir) || self.policy.parent_dirs.iter().any(|d| loc.is_within(d))
+    }
+
+    /// Opens a candidate found by [`Gate::lookup`] for an image in `base_dir`. `Ok(None)` when
+    /// nothing exists there (the next candidate is tried); an error when something exists but is
+    /// refused or unreadable.
+    pub fn open_named(&self, c: &Candidate, base_dir: &Location) -> Result<Option<Arc<dyn Source>>> {
+        match &c.loc {
+            Location::Local(p) => {
+                let Ok(lmd) = std::fs::symlink_metadata(p) else { return Ok(None) };
+                if lmd.file_type().is_symlink() && !self.policy.trust_locators {
+                    let Ok(target) = std::fs::canonicalize(p) else { return Ok(None) };
+                    self.check_symlink(p, &target, base_dir).map_err(|e| e.in_file(&c.loc))?;
+                }
+                let accept = if self.devices { FileTypes::RegularOrBlockDevice } else { FileTypes::RegularOnly };
+                Ok(Some(Arc::new(LocalSource::open(p, accept)?)))
+            }
+        }
+    }
+
+    /// A symlink's final target must pass the confinement that its name passed, compared on
+    /// canonical paths; a device-mapper node is accepted where block devices are (LVM names).
+    fn check_symlink(&self, link: &Path, target: &Path, base_dir: &Location) -> Result<()> {
+        let roots = std::iter::once(base_dir).chain(self.policy.parent_dirs.iter());
+        let inside = roots
+            .filter_map(|r| r.as_path())
+            .filter_map(|r| std::fs::canonicalize(r).ok())
+            .any(|r| normalize(target).is_some_and(|t| t.starts_with(&r)));
+        if inside || (self.devices && is_device_mapper_node(target)) {
+            return Ok(());
+        }
+        log::debug!("{}: symlink to {} refused", link.display(), target.display());
+        Err(Error::from(GateError::SymlinkEscapes { target: target.display().to_string() }))
+    }
+}
+
+/// `/dev/dm-N`: where LVM's `/dev/VG/LV` and `/dev/mapper/*` names lead.
+fn is_device_mapper_node(p: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    p.parent() == Some(Path::new("/dev"))
+        && name.strip_prefix("dm-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        && std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+}
+
+/// Windows separators to `/`, `file://` URLs to paths.
+fn unixify(p: &str) -> String {
+    let p = p.trim_end_matches('\0').trim();
+    let p = p.strip_prefix("file://").unwrap_or(p);
+    p.replace('\\', "/")
+}
+
+fn is_absolute(p: &str) -> bool {
+    let b = p.as_bytes();
+    p.starts_with('/') || (b.len() >= 2 && b[1] == b':' && b[0].is_ascii_alphabetic())
+}
+
+fn base_name(p: &str) -> Option<String> {
+    let n = p.rsplit('/').next()?;
+    let n = if n.len() >= 2 && n.as_bytes()[1] == b':' { &n[2..] } else { n };
+    (!n.is_empty() && n != "." && n != "..").then(|| n.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint(kind: &str, path: &str) -> Hint {
+        Hint { kind: kind.into(), path: path.into() }
+    }
+
+    fn gate(p: Policy) -> Gate {
+        Gate::new(Arc::new(p))
+    }
+
+    fn locs(l: &Lookup) -> Vec<String> {
+        l.candidates.iter().map(|c| c.loc.to_string()).collect()
+    }
+
+    #[test]
+    fn lookup_follows_relative_then_names_then_parent_dirs() {
+        let g = gate(Policy { parent_dirs: vec![Location::local("/pd")], ..Default::default() });
+        let l =
+            g.lookup(&Location::local("/img"), &[hint("W2ku", r"C:\VMs\base.vhd"), hint("W2ru", r".\sub\base.vhd")]);
+        assert_eq!(locs(&l), ["/img/sub/base.vhd", "/img/base.vhd", "/pd/base.vhd"]);
+        assert_eq!(l.candidates[0].by, FoundBy::Locator("W2ru".into()));
+        assert_eq!(l.candidates[2].by, FoundBy::NameInParentDir);
+        assert!(l.refused.is_empty());
+    }
+
+    #[test]
+    fn lookup_refuses_climbing_out_unless_trusted() {
+        let hints = [hint("MacX", "file://../../etc/shadow"), hint("W2ku", "/dev/sda")];
+        let l = gate(Policy::default()).lookup(&Location::local("/srv/img"), &hints);
+        assert_eq!(locs(&l), ["/srv/img/shadow", "/srv/img/sda"]);
+        assert_eq!(l.refused, ["MacX file://../../etc/shadow"]);
+        let l =
+            gate(Policy { trust_locators: true, ..Default::default() }).lookup(&Location::local("/srv/img"), &hints);
+        let c = locs(&l);
+        assert!(c.contains(&"/etc/shadow".to_string()) && c.contains(&"/dev/sda".to_string()));
+    }
+
+    #[test]
+    fn a_symlink_is_followed_only_inside_the_confinement() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("img");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("real.vhd"), b"x").unwrap();
+        std::os::unix::fs::symlink(dir.join("real.vhd"), dir.join("inside.vhd")).unwrap();
+        std::fs::write(t.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(t.path().join("secret"), dir.join("outside.vhd")).unwrap();
+        let g = gate(Policy::default());
+        let base = Location::local(&dir);
+        let by = FoundBy::NameBesideImage;
+        let open = |n: &str| g.open_named(&Candidate { loc: base.join(n).unwrap(), by: by.clone() }, &base);
+        assert!(open("inside.vhd").unwrap().is_some());
+        let e = open("outside.vhd").unwrap_err();
+        assert!(e.to_string().contains("symbolic link") && e.kind() == Kind::Denied, "{e}");
+        assert!(open("missing.vhd").unwrap().is_none());
+    }
+}
