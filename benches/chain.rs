@@ -4,10 +4,10 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use testkit::pattern;
+use testkit::vhd::{Dialect, VhdBuilder};
 use vdiskfs::chain::{Chain, MAP_BLOCK, OpenConfig};
 use vdiskfs::source::Location;
-use vdiskfs::testkit::pattern;
-use vdiskfs::testkit::vhd::{Dialect, VhdBuilder};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;

@@ -26,6 +26,5 @@ pub mod fs;
 pub mod layer;
 pub mod overlay;
 pub mod source;
-pub mod testkit;
 
 pub use error::{Error, Kind, Result};
