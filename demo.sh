@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 cargo build --release -q
+cargo build --release -q -p vdiskfs-testkit   # vdiskfs-fixture, the test-image writer
 bin=$PWD/target/release
 work=$(mktemp -d /tmp/vdiskfs-demo.XXXXXX)
 state=$work/loop-state

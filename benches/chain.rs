@@ -6,12 +6,12 @@ use std::path::Path;
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::sync::Arc;
 
+use testkit::pattern;
+use testkit::vhd::{Dialect, VhdBuilder};
 use vdiskfs::chain::{Chain, MAP_BLOCK};
 use vdiskfs::open::{OpenOptions, open_images};
 use vdiskfs::progress::Silent;
 use vdiskfs::source::Location;
-use vdiskfs::testkit::pattern;
-use vdiskfs::testkit::vhd::{Dialect, VhdBuilder};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;

@@ -35,7 +35,7 @@ OUT=/dev/shm/vdiskfs-bench-out.raw
 for t in qemu-img qemu-storage-daemon fio vhdimount vmdkmount fusermount3; do
   command -v $t >/dev/null || { echo "compare.sh: $t is missing" >&2; exit 1; }
 done
-(cd "$root" && cargo build --release -q --bins --example passthrough)
+(cd "$root" && cargo build --release -q --bins --example passthrough && cargo build --release -q -p vdiskfs-testkit)
 V=$root/target/release/vdiskfs
 FX=$root/target/release/vdiskfs-fixture
 PT=$root/target/release/examples/passthrough

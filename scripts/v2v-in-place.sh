@@ -9,7 +9,7 @@ W=${1:-/tmp/vdiskfs-v2v}
 export LIBGUESTFS_BACKEND=direct LIBGUESTFS_BACKEND_SETTINGS=force_tcg
 V=$root/target/release/vdiskfs
 FX=$root/target/release/vdiskfs-fixture
-(cd "$root" && cargo build --release -q --bins)
+(cd "$root" && cargo build --release -q --bins && cargo build --release -q -p vdiskfs-testkit)
 mkdir -p "$W"; cd "$W"
 if [ ! -f guest.raw ]; then
   echo "== debootstrap a minimal Debian guest"

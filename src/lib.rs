@@ -32,6 +32,5 @@ pub mod open;
 pub mod overlay;
 pub mod progress;
 pub mod source;
-pub mod testkit;
 
 pub use error::{Error, ErrorKind, Kind, Result};

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
-use vdiskfs::testkit::vhd::{Dialect, VhdBuilder};
+use testkit::vhd::{Dialect, VhdBuilder};
 
 use crate::common::*;
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use proptest::prelude::*;
-use vdiskfs::testkit::vhd::{Dialect, VhdBuilder};
+use testkit::vhd::{Dialect, VhdBuilder};
 
 use crate::common::*;
 

@@ -6,10 +6,10 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
+use testkit::{pattern, vhd, vhdx, vmdk, xva};
 use vdiskfs::open::{OpenOptions, open_images};
 use vdiskfs::progress::Silent;
 use vdiskfs::source::Location;
-use vdiskfs::testkit::{pattern, vhd, vhdx, vmdk, xva};
 
 const MIB: u64 = 1 << 20;
 

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vdiskfs::testkit::vhd::{Dialect, VhdBuilder};
+use testkit::vhd::{Dialect, VhdBuilder};
 
 use crate::common::*;
 

@@ -5,7 +5,7 @@ mod bad;
 
 use std::path::{Path, PathBuf};
 
-use vdiskfs::testkit::vhdx::{LogPlan, VhdxBuilder};
+use testkit::vhdx::{LogPlan, VhdxBuilder};
 
 use crate::common::*;
 
@@ -349,7 +349,7 @@ fn hyper_v_locators_resolve_and_info_shows_vhdx_details() {
     let mut b = VhdxBuilder::dynamic(8 * MIB).block_size(MIB).logical_sector(4096).physical_sector(4096);
     put(&mut b, &mut model, 0, &pattern(1, MIB as usize));
     b.build(&base).unwrap();
-    let linkage = vdiskfs::testkit::vhdx::guid_text(&b.data_write_guid_value());
+    let linkage = testkit::vhdx::guid_text(&b.data_write_guid_value());
     let child = snaps.join("web01_6F2A.avhdx");
     let mut c = VhdxBuilder::differencing(&base).unwrap().locators(vec![
         ("parent_linkage".into(), linkage.to_uppercase()),

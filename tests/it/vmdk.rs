@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use vdiskfs::testkit::vmdk::{DeltaBuilder, DescriptorText, ExtentSpec, StreamBuilder, write_flat};
+use testkit::vmdk::{DeltaBuilder, DescriptorText, ExtentSpec, StreamBuilder, write_flat};
 
 use crate::common::*;
 

@@ -5,7 +5,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use vdiskfs::testkit::vmdk::{DeltaBuilder, DescriptorText, ExtentSpec, write_flat};
+use testkit::vmdk::{DeltaBuilder, DescriptorText, ExtentSpec, write_flat};
 
 use crate::common::*;
 use crate::vmdk::qemu_io;

@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
-use vdiskfs::testkit::xva::{Checksum, Dialect, XvaBuilder, header};
+use testkit::xva::{Checksum, Dialect, XvaBuilder, header};
 
 use crate::common::*;
 

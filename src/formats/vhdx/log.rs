@@ -426,7 +426,7 @@ mod tests {
     #[test]
     fn garbage_logs_never_panic_and_never_yield_a_sequence() {
         for seed in 0..64u64 {
-            let mut log = crate::testkit::pattern(seed, 256 << 10);
+            let mut log = testkit::pattern(seed, 256 << 10);
             // Plant entry headers of this log at random sector starts.
             for k in 0..16u64 {
                 let at = ((seed * 7 + k * 13) % 64) as usize * SECTOR as usize;

@@ -498,7 +498,7 @@ impl Layer for XvaDisk {
 mod tests {
     use super::*;
     use crate::source::MemSource;
-    use crate::testkit::{pattern, xva::XvaBuilder};
+    use testkit::{pattern, xva::XvaBuilder};
 
     fn open_mem(bytes: Vec<u8>) -> Vec<(String, XvaDisk)> {
         let src: Arc<dyn Source> = Arc::new(MemSource::new("vm.xva", bytes));

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use vdiskfs::testkit::pattern;
+pub use testkit::pattern;
 
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_vdiskfs")

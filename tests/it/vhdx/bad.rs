@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use vdiskfs::testkit::vhdx::{LogPlan, VhdxBuilder};
+use testkit::vhdx::{LogPlan, VhdxBuilder};
 
 use crate::common::*;
 
@@ -178,7 +178,7 @@ fn parent_linkage_mismatch_is_refused_with_both_guids() {
     let (top, mid, base) = chain3(t.path());
     let b = std::fs::read(&base).unwrap();
     let dwg: [u8; 16] = b[(128 << 10) + 32..(128 << 10) + 48].try_into().unwrap();
-    let want = vdiskfs::testkit::vhdx::guid_text(&dwg);
+    let want = testkit::vhdx::guid_text(&dwg);
     // Replace the base by a different disk of the same name.
     sample(t.path(), "base.vhdx");
     refused(
@@ -201,7 +201,7 @@ fn parent_linkage2_is_accepted() {
         .unwrap()
         .locators(vec![
             ("parent_linkage".into(), "{00000000-1111-2222-3333-444444444444}".into()),
-            ("parent_linkage2".into(), vdiskfs::testkit::vhdx::guid_text(&dwg)),
+            ("parent_linkage2".into(), testkit::vhdx::guid_text(&dwg)),
             ("relative_path".into(), "base.vhdx".into()),
         ])
         .build(&child)

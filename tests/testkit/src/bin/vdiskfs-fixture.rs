@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vdiskfs::testkit::vhd::{Dialect, VhdBuilder};
+use testkit::vhd::{Dialect, VhdBuilder};
 
 #[derive(Parser)]
 #[command(name = "vdiskfs-fixture", about = "Write VHD test images from raw disk files")]
@@ -188,7 +188,7 @@ fn run(cli: Cli) -> std::io::Result<()> {
                 .dialect(dialect(d));
                 for w in 0..writes {
                     let off = rnd(size / 65536) * 65536;
-                    b.write(off, &vdiskfs::testkit::pattern(seed ^ (k as u64) << 20 ^ w, 65536));
+                    b.write(off, &testkit::pattern(seed ^ (k as u64) << 20 ^ w, 65536));
                 }
                 b.build(&path)?;
                 parent = Some(path);
