@@ -45,7 +45,7 @@ fn three_layers(dir: &Path) -> (Vec<std::path::PathBuf>, Vec<[u8; 16]>, Vec<Opti
     (paths, uuids, owner)
 }
 
-#[test]
+crate::register!(map_json_depths_match_the_ownership_model);
 fn map_json_depths_match_the_ownership_model() {
     let t = tmpdir();
     let (paths, _, owner) = three_layers(t.path());
@@ -74,11 +74,9 @@ fn map_json_depths_match_the_ownership_model() {
     assert_eq!(got, owner);
 }
 
-#[test]
+crate::register!(map_json_agrees_with_qemu_img_map_on_a_dynamic_vhd);
 fn map_json_agrees_with_qemu_img_map_on_a_dynamic_vhd() {
-    if !have("qemu-img") {
-        return;
-    }
+    need("qemu-img");
     let t = tmpdir();
     let p = t.path().join("d.vhd");
     let mut b = VhdBuilder::dynamic(12 * MIB);
@@ -106,7 +104,7 @@ fn map_json_agrees_with_qemu_img_map_on_a_dynamic_vhd() {
     assert_eq!(ours, data_extents(&qemu.stdout));
 }
 
-#[test]
+crate::register!(info_json_reports_each_layer_from_the_images);
 fn info_json_reports_each_layer_from_the_images() {
     let t = tmpdir();
     let (paths, uuids, _) = three_layers(t.path());
@@ -152,11 +150,9 @@ fn info_json_reports_each_layer_from_the_images() {
     }
 }
 
-#[test]
+crate::register!(foreground_mount_stops_cleanly_on_sigterm_and_on_unmount);
 fn foreground_mount_stops_cleanly_on_sigterm_and_on_unmount() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let (paths, _, _) = three_layers(t.path());
     for how in ["sigterm", "fusermount"] {
@@ -187,11 +183,11 @@ fn foreground_mount_stops_cleanly_on_sigterm_and_on_unmount() {
     }
 }
 
-#[test]
+crate::register!(loop_helper_attaches_partitions_and_detaches_cleanly);
 fn loop_helper_attaches_partitions_and_detaches_cleanly() {
-    if !fuse_ok() || !have("losetup") || !have("sfdisk") {
-        return;
-    }
+    need_fuse();
+    need("losetup");
+    need("sfdisk");
     let t = tmpdir();
     let size = 16 * MIB;
     let mut disk = vec![0u8; size as usize];

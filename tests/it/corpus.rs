@@ -7,11 +7,11 @@ fn mounted_bytes(img: &std::path::Path) -> Vec<u8> {
     std::fs::read(m.file(&format!("{}.raw", img.file_stem().unwrap().to_string_lossy()))).unwrap()
 }
 
-#[test]
+crate::register!(vhds_from_other_writers_match_qemu);
 fn vhds_from_other_writers_match_qemu() {
-    if !fuse_ok() || !have("qemu-img") || !have("xz") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("xz");
     let t = tmpdir();
     for name in ["img-1x1-512-gpt.vhd.hex", "img-1x1-512-gpt.vhdf.hex", "dfvfs_ext2.vhd.xz", "plaso_image.vhd.xz"] {
         let img = corpus(name, t.path());
@@ -20,11 +20,9 @@ fn vhds_from_other_writers_match_qemu() {
     }
 }
 
-#[test]
+crate::register!(windows_differencing_vhd_without_its_parent_is_refused_naming_it);
 fn windows_differencing_vhd_without_its_parent_is_refused_naming_it() {
-    if !have("xz") {
-        return;
-    }
+    need("xz");
     let t = tmpdir();
     let img = corpus("dfvfs_fat-differential.vhd.xz", t.path());
     for cmd in ["info", "map"] {
@@ -37,11 +35,9 @@ fn windows_differencing_vhd_without_its_parent_is_refused_naming_it() {
     }
 }
 
-#[test]
+crate::register!(hand_edited_vhds_with_bad_checksums_are_refused);
 fn hand_edited_vhds_with_bad_checksums_are_refused() {
-    if !have("xz") {
-        return;
-    }
+    need("xz");
     let t = tmpdir();
     for name in ["dfvfs_image.vhd.xz", "dfvfs_image-differential.vhd.xz"] {
         let img = corpus(name, t.path());

@@ -1,9 +1,11 @@
 //! Integration tests: real files, real FUSE mounts, real consumers, independent readers.
 
 mod common;
+mod harness;
 
 mod cli;
 mod corpus;
+mod layering;
 mod overlay;
 mod robust;
 mod vhd;
@@ -12,3 +14,7 @@ mod vhdx;
 mod vmdk;
 mod vmdk_bad;
 mod xva;
+
+fn main() {
+    harness::main();
+}

@@ -69,16 +69,13 @@ fn op(size: u64) -> impl Strategy<Value = Op> {
 
 const PROP_SIZE: u64 = 6 * MIB + 3 * 512;
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 10, max_shrink_iters: 20, ..ProptestConfig::default() })]
-
-    /// Random writes (any offset and length), discards, fsyncs, reads and remounts against a
-    /// Vec<u8> model, through the real FUSE mount with a real overlay file.
-    #[test]
-    fn overlay_matches_a_model_under_random_operations(ops in prop::collection::vec(op(PROP_SIZE), 1..30)) {
-        if !fuse_ok() {
-            return Ok(());
-        }
+crate::register!(overlay_matches_a_model_under_random_operations);
+/// Random writes (any offset and length), discards, fsyncs, reads and remounts against a
+/// Vec<u8> model, through the real FUSE mount with a real overlay file.
+fn overlay_matches_a_model_under_random_operations() {
+    need_fuse();
+    let config = ProptestConfig { cases: 10, max_shrink_iters: 20, ..ProptestConfig::default() };
+    proptest!(config, |(ops in prop::collection::vec(op(PROP_SIZE), 1..30))| {
         let t = tmpdir();
         let (top, sources, mut model) = chain(t.path(), PROP_SIZE);
         let before = hashes(&sources);
@@ -121,7 +118,7 @@ proptest! {
         prop_assert!(std::fs::read(m.file("top.raw")).unwrap() == model, "after remount");
         drop(m);
         prop_assert!(hashes(&sources) == before, "a source image changed");
-    }
+    });
 }
 
 /// Exports the chain + overlay to a new file and compares it with `want`.
@@ -133,11 +130,10 @@ fn export_and_check(top: &Path, ovl: &Path, want: &[u8]) {
     assert_same("exported disk", &std::fs::read(&out).unwrap(), want);
 }
 
-#[test]
+crate::register!(qemu_io_writes_survive_remount_and_export);
 fn qemu_io_writes_survive_remount_and_export() {
-    if !fuse_ok() || !have("qemu-io") {
-        return;
-    }
+    need_fuse();
+    need("qemu-io");
     let t = tmpdir();
     let (top, sources, mut model) = chain(t.path(), 8 * MIB);
     let before = hashes(&sources);
@@ -162,11 +158,12 @@ fn qemu_io_writes_survive_remount_and_export() {
     assert_eq!(hashes(&sources), before, "a source image changed");
 }
 
-#[test]
+crate::register!(mkfs_and_file_writes_through_a_loop_device_at_a_partition_offset);
 fn mkfs_and_file_writes_through_a_loop_device_at_a_partition_offset() {
-    if !fuse_ok() || !have("losetup") || !have("mkfs.ext4") || !have("sfdisk") {
-        return;
-    }
+    need_fuse();
+    need("losetup");
+    need("mkfs.ext4");
+    need("sfdisk");
     let t = tmpdir();
     let size = 48 * MIB;
     // A base disk holding only a partition table, as a fresh target disk would.
@@ -233,13 +230,11 @@ fn daemon_pid(mnt: &Path) -> Option<i32> {
     })
 }
 
+crate::register!(kill_9_during_writes_keeps_fsynced_data_and_never_shows_garbage);
 /// kill -9 in the middle of a write stream: after remounting, every write that an fsync
 /// covered is there, and every byte holds either its last-fsynced value or a later write's.
-#[test]
 fn kill_9_during_writes_keeps_fsynced_data_and_never_shows_garbage() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let size = 8 * MIB;
     for round in 0..3u64 {
         let t = tmpdir();
@@ -308,11 +303,9 @@ fn kill_9_during_writes_keeps_fsynced_data_and_never_shows_garbage() {
     }
 }
 
-#[test]
+crate::register!(overlay_for_another_chain_is_refused);
 fn overlay_for_another_chain_is_refused() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let (top, _, _) = chain(t.path(), 4 * MIB);
     let ovl = t.path().join("o.ovl");
@@ -328,7 +321,7 @@ fn overlay_for_another_chain_is_refused() {
     assert!(e.contains("in use"), "{e}");
 }
 
-#[test]
+crate::register!(export_skips_holes_refuses_bad_targets_and_reports_partial_failure);
 fn export_skips_holes_refuses_bad_targets_and_reports_partial_failure() {
     let t = tmpdir();
     let size = 16 * MIB;
@@ -401,13 +394,12 @@ fn export_skips_holes_refuses_bad_targets_and_reports_partial_failure() {
     }
 }
 
+crate::register!(guestfish_writes_a_file_into_the_guest_filesystem);
 /// libguestfs writes into the guest filesystem of a mounted, overlaid chain; the file is there
 /// after a remount and in the exported disk, and the sources are unchanged.
-#[test]
 fn guestfish_writes_a_file_into_the_guest_filesystem() {
-    if !fuse_ok() || !have("guestfish") {
-        return;
-    }
+    need_fuse();
+    need("guestfish");
     let Some(fs) = fs_pair(64 * MIB) else { return };
     let t = tmpdir();
     let base = t.path().join("base.vhd");
@@ -471,13 +463,13 @@ fn guestfish_writes_a_file_into_the_guest_filesystem() {
     assert_eq!(hashes(&sources), before, "a source image changed");
 }
 
+crate::register!(blkdiscard_through_a_loop_device_zeroes_and_frees_overlay_space);
 /// What fstrim sends: BLKDISCARD on a loop device over the mounted file reads back as zeros
 /// and gives the overlay's space back.
-#[test]
 fn blkdiscard_through_a_loop_device_zeroes_and_frees_overlay_space() {
-    if !fuse_ok() || !have("losetup") || !have("blkdiscard") {
-        return;
-    }
+    need_fuse();
+    need("losetup");
+    need("blkdiscard");
     use std::os::unix::fs::MetadataExt;
     let t = tmpdir();
     let (top, sources, mut model) = chain(t.path(), 12 * MIB);

@@ -126,11 +126,10 @@ fn exercise(dir: &Path, open: &str) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, max_shrink_iters: 200, ..ProptestConfig::default() })]
-
-    #[test]
-    fn damaged_images_of_every_format_never_panic(d in damage()) {
+crate::register!(damaged_images_of_every_format_never_panic);
+fn damaged_images_of_every_format_never_panic() {
+    let config = ProptestConfig { cases: 300, max_shrink_iters: 200, ..ProptestConfig::default() };
+    proptest!(config, |(d in damage())| {
         let s = &samples()[d.sample];
         let t = tempfile::tempdir().unwrap();
         let victim = d.file % s.files.len();
@@ -153,5 +152,5 @@ proptest! {
         }
         let open = if d.sample == 4 && d.open_gz { "vm-gz.xva" } else { s.open.as_str() };
         exercise(t.path(), open);
-    }
+    });
 }

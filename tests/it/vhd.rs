@@ -56,11 +56,10 @@ fn read_mounted(img: &Path, extra: &[&str]) -> Vec<u8> {
     std::fs::read(m.file(&name)).unwrap()
 }
 
-#[test]
+crate::register!(fixed_and_dynamic_vhd_match_qemu_and_the_model);
 fn fixed_and_dynamic_vhd_match_qemu_and_the_model() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     // A size that is not a whole CHS geometry, so a CHS-sizing reader would be caught.
     let size = 9 * MIB + 3 * 512;
@@ -85,11 +84,10 @@ fn fixed_and_dynamic_vhd_match_qemu_and_the_model() {
     }
 }
 
-#[test]
+crate::register!(qemu_made_vhds_match_qemu);
 fn qemu_made_vhds_match_qemu() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let raw = t.path().join("src.raw");
     let mut data = vec![0u8; (12 * MIB) as usize];
@@ -109,13 +107,12 @@ fn qemu_made_vhds_match_qemu() {
     }
 }
 
+crate::register!(differencing_chains_match_model_and_libvhdi);
 /// Chains of depth 1, 3 and 16 in both dialects, written in whole bitmap bytes so that libvhdi
 /// reads them correctly too: the mount must equal the model and vhdimount's merged view.
-#[test]
 fn differencing_chains_match_model_and_libvhdi() {
-    if !fuse_ok() || !have("vhdimount") {
-        return;
-    }
+    need_fuse();
+    need("vhdimount");
     for dialect in [Dialect::Windows, Dialect::Xen] {
         for depth in [1, 3, 16] {
             let t = tmpdir();
@@ -128,14 +125,12 @@ fn differencing_chains_match_model_and_libvhdi() {
     }
 }
 
+crate::register!(sector_granular_bitmaps_follow_the_spec);
 /// Sector-granular writes: a bitmap byte mixes child and parent sectors. libvhdi misreads these
 /// (every sector after the first set bit of a byte comes from the child) and qemu ignores the
 /// parent entirely, so the spec model is the only oracle here.
-#[test]
 fn sector_granular_bitmaps_follow_the_spec() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let (paths, model) = build_chain(t.path(), Dialect::Xen, 4, 8 * MIB, 512, 99);
     let got = read_mounted(&paths[0], &[]);
@@ -146,11 +141,12 @@ fn sector_granular_bitmaps_follow_the_spec() {
     }
 }
 
-#[test]
+crate::register!(real_consumers_read_the_mounted_chain);
 fn real_consumers_read_the_mounted_chain() {
-    if !fuse_ok() || !have("qemu-img") || !have("losetup") || !have("kpartx") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("losetup");
+    need("kpartx");
     let Some(fs) = fs_pair(40 * MIB) else { return };
     let t = tmpdir();
     let base = t.path().join("base.vhd");
@@ -179,11 +175,9 @@ fn real_consumers_read_the_mounted_chain() {
     assert_real_consumers(&raw, &fs);
 }
 
-#[test]
+crate::register!(seek_data_and_hole_follow_the_chain_allocation);
 fn seek_data_and_hole_follow_the_chain_allocation() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let base = t.path().join("base.vhd");
     let mut b = VhdBuilder::dynamic(16 * MIB);
@@ -205,11 +199,9 @@ fn seek_data_and_hole_follow_the_chain_allocation() {
     assert_eq!(seek((9 * MIB) as i64, libc::SEEK_HOLE), (9 * MIB) as i64);
 }
 
-#[test]
+crate::register!(footer_copy_at_offset_zero_is_used_when_the_file_is_longer);
 fn footer_copy_at_offset_zero_is_used_when_the_file_is_longer() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let p = t.path().join("on-lv.vhd");
     let mut b = VhdBuilder::dynamic(6 * MIB).dialect(Dialect::Xen).trailing(3 * MIB + 512);
@@ -222,13 +214,12 @@ fn footer_copy_at_offset_zero_is_used_when_the_file_is_longer() {
     assert!(got[..MIB as usize].iter().all(|&x| x == 0));
 }
 
+crate::register!(block_device_sources_and_parent_dir_links);
 /// A XenServer LVM SR: the VHDs are block devices (size from the device), and parents are found
 /// by name in a directory of device links given with --parent-dir.
-#[test]
 fn block_device_sources_and_parent_dir_links() {
-    if !fuse_ok() || !have("losetup") {
-        return;
-    }
+    need_fuse();
+    need("losetup");
     let t = tmpdir();
     let (paths, model) = build_chain(t.path(), Dialect::Xen, 2, 6 * MIB, 4096, 5);
     // Pad both files so the device is bigger than the VHD, as an LV is.
@@ -247,11 +238,9 @@ fn block_device_sources_and_parent_dir_links() {
     drop(m);
 }
 
-#[test]
+crate::register!(windows_absolute_locators_resolve_through_parent_dir);
 fn windows_absolute_locators_resolve_through_parent_dir() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let pd = t.path().join("Virtual Hard Disks");
     std::fs::create_dir(&pd).unwrap();
@@ -276,11 +265,9 @@ fn windows_absolute_locators_resolve_through_parent_dir() {
     assert_same("parent via --parent-dir", &read_mounted(&child, &["--parent-dir", pd.to_str().unwrap()]), &model);
 }
 
-#[test]
+crate::register!(locators_pointing_outside_are_refused_unless_trusted);
 fn locators_pointing_outside_are_refused_unless_trusted() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let elsewhere = tmpdir();
     let base = elsewhere.path().join("secret-base.vhd");
@@ -304,11 +291,9 @@ fn locators_pointing_outside_are_refused_unless_trusted() {
     assert_eq!(&got[..4096], &pattern(9, 4096)[..]);
 }
 
-#[test]
+crate::register!(blktap_hidden_flag_outside_the_checksum_is_accepted);
 fn blktap_hidden_flag_outside_the_checksum_is_accepted() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let base = t.path().join("base.vhd");
     let mut b = VhdBuilder::dynamic(4 * MIB).dialect(Dialect::Xen).hidden(true);
@@ -319,11 +304,9 @@ fn blktap_hidden_flag_outside_the_checksum_is_accepted() {
     assert_eq!(&read_mounted(&child, &[])[..4096], &pattern(4, 4096)[..]);
 }
 
-#[test]
+crate::register!(several_images_mount_side_by_side);
 fn several_images_mount_side_by_side() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let a = t.path().join("a.vhd");
     let mut ba = VhdBuilder::dynamic(2 * MIB);

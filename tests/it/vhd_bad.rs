@@ -41,7 +41,7 @@ fn sample(dir: &Path, name: &str) -> PathBuf {
     p
 }
 
-#[test]
+crate::register!(truncated_dynamic_vhd_is_refused);
 fn truncated_dynamic_vhd_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "trunc.vhd");
@@ -51,7 +51,7 @@ fn truncated_dynamic_vhd_is_refused() {
     refused(&p, &p, &["BAT entry", "past the end"]);
 }
 
-#[test]
+crate::register!(truncated_fixed_vhd_is_refused);
 fn truncated_fixed_vhd_is_refused() {
     let t = tmpdir();
     let p = t.path().join("fixed.vhd");
@@ -60,7 +60,7 @@ fn truncated_fixed_vhd_is_refused() {
     refused(&p, &p, &["no VHD footer", "truncated"]);
 }
 
-#[test]
+crate::register!(bad_checksum_in_both_footer_copies_is_refused);
 fn bad_checksum_in_both_footer_copies_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "sum.vhd");
@@ -76,7 +76,7 @@ fn bad_checksum_in_both_footer_copies_is_refused() {
     refused(&p, &p, &["footer checksum mismatch", "copy at offset 0 is also invalid"]);
 }
 
-#[test]
+crate::register!(bad_dynamic_header_checksum_is_refused);
 fn bad_dynamic_header_checksum_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "hdr.vhd");
@@ -84,7 +84,7 @@ fn bad_dynamic_header_checksum_is_refused() {
     refused(&p, &p, &["dynamic header checksum mismatch"]);
 }
 
-#[test]
+crate::register!(bat_entry_past_end_of_file_is_refused);
 fn bat_entry_past_end_of_file_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "bat.vhd");
@@ -99,7 +99,7 @@ fn bat_entry_past_end_of_file_is_refused() {
     refused(&p, &p, &["BAT entry 1", "past the end"]);
 }
 
-#[test]
+crate::register!(impossible_block_sizes_are_refused);
 fn impossible_block_sizes_are_refused() {
     for bs in [0u32, 3 << 20, 1 << 30] {
         let t = tmpdir();
@@ -109,7 +109,7 @@ fn impossible_block_sizes_are_refused() {
     }
 }
 
-#[test]
+crate::register!(impossible_virtual_size_is_refused_without_allocating);
 fn impossible_virtual_size_is_refused_without_allocating() {
     let t = tmpdir();
     let p = sample(t.path(), "huge.vhd");
@@ -138,7 +138,7 @@ fn impossible_virtual_size_is_refused_without_allocating() {
     refused(&p, &p, &["BAT has 3 entries", "needs 1048576"]);
 }
 
-#[test]
+crate::register!(poisoned_vhd_is_refused);
 fn poisoned_vhd_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "poison.vhd");
@@ -167,7 +167,7 @@ fn chain3(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (top, mid, base)
 }
 
-#[test]
+crate::register!(missing_parent_is_refused_naming_it);
 fn missing_parent_is_refused_naming_it() {
     let t = tmpdir();
     let (top, mid, base) = chain3(t.path());
@@ -175,7 +175,7 @@ fn missing_parent_is_refused_naming_it() {
     refused(&top, &mid, &["parent not found", "base.vhd"]);
 }
 
-#[test]
+crate::register!(parent_with_the_wrong_uuid_is_refused_with_both_uuids);
 fn parent_with_the_wrong_uuid_is_refused_with_both_uuids() {
     let t = tmpdir();
     let (top, mid, base) = chain3(t.path());
@@ -191,7 +191,7 @@ fn parent_with_the_wrong_uuid_is_refused_with_both_uuids() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-#[test]
+crate::register!(parent_cycle_is_refused);
 fn parent_cycle_is_refused() {
     let t = tmpdir();
     let d = t.path();
@@ -212,7 +212,7 @@ fn parent_cycle_is_refused() {
     }
 }
 
-#[test]
+crate::register!(chains_deeper_than_the_limit_are_refused);
 fn chains_deeper_than_the_limit_are_refused() {
     let t = tmpdir();
     let (top, _, _) = chain3(t.path());
@@ -220,7 +220,7 @@ fn chains_deeper_than_the_limit_are_refused() {
     assert_one_line_error(&o, &top.display().to_string(), &["deeper than 2 layers"]);
 }
 
-#[test]
+crate::register!(a_non_image_is_refused_and_usage_errors_exit_2);
 fn a_non_image_is_refused_and_usage_errors_exit_2() {
     let t = tmpdir();
     let p = t.path().join("notes.txt");
@@ -237,13 +237,11 @@ fn a_non_image_is_refused_and_usage_errors_exit_2() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+crate::register!(read_time_truncation_gives_eio_and_a_log_line);
 /// A defect found only at read time (the file was truncated after the mount) gives EIO for that
 /// range and a log line; the rest of the disk still reads.
-#[test]
 fn read_time_truncation_gives_eio_and_a_log_line() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let p = t.path().join("live.vhd");
     let mut b = VhdBuilder::dynamic(6 * MIB).dialect(Dialect::Xen);

@@ -84,11 +84,10 @@ fn squash(s: &str) -> String {
     out
 }
 
-#[test]
+crate::register!(qemu_made_fixed_and_dynamic_vhdx_match_qemu);
 fn qemu_made_fixed_and_dynamic_vhdx_match_qemu() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let raw = t.path().join("src.raw");
     let mut data = vec![0u8; (40 * MIB) as usize];
@@ -107,11 +106,10 @@ fn qemu_made_fixed_and_dynamic_vhdx_match_qemu() {
     }
 }
 
-#[test]
+crate::register!(mkimg_vhdx_matches_qemu);
 fn mkimg_vhdx_matches_qemu() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let img = corpus("img-1x1-512-gpt.vhdx.hex", t.path());
     let got = read_mounted(&img, &[]);
@@ -119,13 +117,12 @@ fn mkimg_vhdx_matches_qemu() {
     assert!(info_text(&img, &[]).contains("creator: (empty)"), "mkimg leaves the creator empty");
 }
 
+crate::register!(builder_dynamic_and_fixed_vhdx_match_qemu_and_the_model);
 /// Every payload state in a disk without parent, read by our reader, qemu and the model:
 /// NOT_PRESENT, UNDEFINED, ZERO and UNMAPPED (still pointing at stale data) read zeros.
-#[test]
 fn builder_dynamic_and_fixed_vhdx_match_qemu_and_the_model() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let size = 12 * MIB + 8192;
     for fixed in [false, true] {
@@ -146,13 +143,12 @@ fn builder_dynamic_and_fixed_vhdx_match_qemu_and_the_model() {
     }
 }
 
+crate::register!(differencing_chains_match_model_and_libvhdi);
 /// Chains of depth 1, 3 and 16 with 512- and 4096-byte logical sectors, partially and fully
 /// present blocks, written in whole bitmap bytes: the mount equals the model and libvhdi.
-#[test]
 fn differencing_chains_match_model_and_libvhdi() {
-    if !fuse_ok() || !have("vhdimount") {
-        return;
-    }
+    need_fuse();
+    need("vhdimount");
     for lss in [512, 4096] {
         for depth in [1, 3, 16] {
             let t = tmpdir();
@@ -165,12 +161,10 @@ fn differencing_chains_match_model_and_libvhdi() {
     }
 }
 
+crate::register!(sector_granular_bitmaps_follow_the_spec);
 /// Runs that start and end in the middle of a bitmap byte.
-#[test]
 fn sector_granular_bitmaps_follow_the_spec() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let (paths, model) = build_chain(t.path(), 4, 8 * MIB, 512, 512, 99);
     assert_same("sector-granular chain vs model", &read_mounted(&paths[0], &[]), &model);
@@ -179,15 +173,13 @@ fn sector_granular_bitmaps_follow_the_spec() {
     }
 }
 
+crate::register!(zero_and_unmapped_blocks_in_a_child_mask_parent_data);
 /// ZERO and UNMAPPED blocks in a child read zeros even where the parent has data; NOT_PRESENT
 /// and UNDEFINED show the parent; a grandchild that does not allocate a block sees the child's
 /// zeros. libvhdi reads ZERO/UNMAPPED blocks from the parent (a known defect), so it is compared
 /// only outside those blocks.
-#[test]
 fn zero_and_unmapped_blocks_in_a_child_mask_parent_data() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     for lss in [512u64, 4096] {
         let t = tmpdir();
         let size = 16 * MIB;
@@ -229,12 +221,11 @@ fn zero_and_unmapped_blocks_in_a_child_mask_parent_data() {
     }
 }
 
+crate::register!(a_checkpoint_over_a_qemu_made_base_reads_through);
 /// A base made by qemu-img (an independent writer) under a child made by the builder.
-#[test]
 fn a_checkpoint_over_a_qemu_made_base_reads_through() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let raw = t.path().join("src.raw");
     let mut model = pattern(8, (20 * MIB) as usize);
@@ -255,16 +246,14 @@ fn a_checkpoint_over_a_qemu_made_base_reads_through() {
     assert_same("child over a qemu base", &read_mounted(&child, &[]), &model);
 }
 
+crate::register!(a_pending_log_is_replayed_in_memory_and_the_source_is_untouched);
 /// A dirty log (a VHDX copied from a running VM): the file's BAT is garbage and its metadata
 /// names another size; the log, split over three entries that wrap around the end of the log,
 /// zeroes the BAT, writes it back and fixes the size. An older sequence and a torn entry after
 /// the head are present too and must be ignored. The replayed view equals the model, and the
 /// source file is unchanged.
-#[test]
 fn a_pending_log_is_replayed_in_memory_and_the_source_is_untouched() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     for (lss, with_parent) in [(512u64, false), (4096, false), (512, true)] {
         let t = tmpdir();
         let size = 20 * MIB;
@@ -316,11 +305,9 @@ fn a_pending_log_is_replayed_in_memory_and_the_source_is_untouched() {
     }
 }
 
-#[test]
+crate::register!(a_torn_newer_header_falls_back_to_the_other_one);
 fn a_torn_newer_header_falls_back_to_the_other_one() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let p = t.path().join("torn.vhdx");
     let mut model = vec![0u8; (4 * MIB) as usize];
@@ -332,13 +319,11 @@ fn a_torn_newer_header_falls_back_to_the_other_one() {
     assert!(info.contains("1 of 2, sequence 10; header 2 invalid: header checksum mismatch"), "{info}");
 }
 
+crate::register!(hyper_v_locators_resolve_and_info_shows_vhdx_details);
 /// Hyper-V keeps checkpoints in another folder with `relative_path` `..\Virtual Hard Disks\..`;
 /// `info` shows the VHDX details and the locators.
-#[test]
 fn hyper_v_locators_resolve_and_info_shows_vhdx_details() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let vhds = t.path().join("Virtual Hard Disks");
     let snaps = t.path().join("Snapshots");
@@ -395,11 +380,11 @@ fn hyper_v_locators_resolve_and_info_shows_vhdx_details() {
     assert_eq!(&got[..MIB as usize], &pattern(1, MIB as usize)[..]);
 }
 
-#[test]
+crate::register!(real_consumers_read_the_mounted_vhdx_chain);
 fn real_consumers_read_the_mounted_vhdx_chain() {
-    if !fuse_ok() || !have("qemu-img") || !have("losetup") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("losetup");
     let Some(fs) = fs_pair(40 * MIB) else { return };
     let t = tmpdir();
     let base = t.path().join("vm.vhdx");
@@ -416,11 +401,9 @@ fn real_consumers_read_the_mounted_vhdx_chain() {
     assert_real_consumers(&raw, &fs);
 }
 
-#[test]
+crate::register!(seek_data_and_hole_see_zero_blocks_as_holes);
 fn seek_data_and_hole_see_zero_blocks_as_holes() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let base = t.path().join("base.vhdx");
     let mut b = VhdxBuilder::dynamic(16 * MIB).block_size(MIB);

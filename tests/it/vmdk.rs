@@ -43,7 +43,7 @@ fn dissect_raw(img: &Path) -> Option<Vec<u8>> {
         .is_ok_and(|o| o.status.success());
     if !ok {
         assert!(!in_ci(), "dissect.hypervisor is required in CI (.ci/run installs it with pip)");
-        eprintln!("skipping the dissect.hypervisor comparison: not installed (pip install dissect.hypervisor)");
+        crate::harness::note("dissect.hypervisor comparison (pip install dissect.hypervisor)");
         return None;
     }
     let t = tmpdir();
@@ -69,11 +69,11 @@ fn sample_raw(size: u64) -> Vec<u8> {
     d
 }
 
-#[test]
+crate::register!(every_subformat_qemu_img_creates_matches_qemu_and_libvmdk);
 fn every_subformat_qemu_img_creates_matches_qemu_and_libvmdk() {
-    if !fuse_ok() || !have("qemu-img") || !have("vmdkmount") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("vmdkmount");
     let t = tmpdir();
     // Not a whole number of 64 KiB grains: the last grain is partial.
     let size = 9 * MIB + 3 * 512;
@@ -93,13 +93,12 @@ fn every_subformat_qemu_img_creates_matches_qemu_and_libvmdk() {
     }
 }
 
+crate::register!(esxi_vmfs_and_vmfs_thin_flat_disks_match_qemu);
 /// qemu-img cannot create createType "vmfs" (qemu 10 rejects subformat=vmfs), so the ESXi
 /// layout comes from the testkit: a descriptor plus `-flat.vmdk`, read by qemu as the oracle.
-#[test]
 fn esxi_vmfs_and_vmfs_thin_flat_disks_match_qemu() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let data = sample_raw(8 * MIB);
     let (vmfs, _) = write_flat(t.path(), "Windows-2019", &data, "vmfs").unwrap();
@@ -111,11 +110,12 @@ fn esxi_vmfs_and_vmfs_thin_flat_disks_match_qemu() {
     assert_same("vmfsThin vs model", &read_mounted(&thin, &[]), &data);
 }
 
-#[test]
+crate::register!(qemu_made_chains_match_qemu_and_libvmdk);
 fn qemu_made_chains_match_qemu_and_libvmdk() {
-    if !fuse_ok() || !have("qemu-img") || !have("qemu-io") || !have("vmdkmount") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("qemu-io");
+    need("vmdkmount");
     let t = tmpdir();
     let raw = t.path().join("src.raw");
     std::fs::write(&raw, sample_raw(12 * MIB)).unwrap();
@@ -146,14 +146,14 @@ fn qemu_made_chains_match_qemu_and_libvmdk() {
     }
 }
 
+crate::register!(zeroed_grains_in_a_child_mask_the_parent);
 /// qemu writes zeroed grains (entry 1) when asked to write zeros into an image with
 /// zeroed_grain=on. They must read as zeros, hiding the parent. libvmdk reads them as the
 /// embedded descriptor text instead (FORMAT-NOTES), so qemu is the only oracle here.
-#[test]
 fn zeroed_grains_in_a_child_mask_the_parent() {
-    if !fuse_ok() || !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("qemu-io");
     let t = tmpdir();
     let raw = t.path().join("src.raw");
     let data = vec![0xabu8; (4 * MIB) as usize];
@@ -210,11 +210,10 @@ fn sesparse_child(parent: &Path, parent_model: &[u8], dir: &Path, name: &str, se
     (b.build(dir, name).unwrap(), Delta { model, dissect_model: dm })
 }
 
-#[test]
+crate::register!(sesparse_snapshots_over_a_flat_base_match_qemu_dissect_and_the_model);
 fn sesparse_snapshots_over_a_flat_base_match_qemu_dissect_and_the_model() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let size = 40 * MIB;
     let base_data: Vec<u8> = pattern(7, size as usize);
@@ -232,11 +231,10 @@ fn sesparse_snapshots_over_a_flat_base_match_qemu_dissect_and_the_model() {
     }
 }
 
-#[test]
+crate::register!(cowd_redo_logs_over_a_flat_base_match_qemu_libvmdk_dissect_and_the_model);
 fn cowd_redo_logs_over_a_flat_base_match_qemu_libvmdk_dissect_and_the_model() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let size = 10 * MIB;
     let base_data = pattern(3, size as usize);
@@ -269,13 +267,13 @@ fn cowd_redo_logs_over_a_flat_base_match_qemu_libvmdk_dissect_and_the_model() {
     }
 }
 
+crate::register!(esxi_chain_with_two_sesparse_snapshots_serves_real_consumers);
 /// The ESXi layout from the migration guide: `vm.vmdk` + `vm-flat.vmdk`, then two SESparse
 /// snapshots. A file written in the guest after the first snapshot exists only in the top.
-#[test]
 fn esxi_chain_with_two_sesparse_snapshots_serves_real_consumers() {
-    if !fuse_ok() || !have("qemu-img") || !have("losetup") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("losetup");
     let Some(fs) = fs_pair(40 * MIB) else { return };
     let t = tmpdir();
     let (base, _) = write_flat(t.path(), "Windows-2019", &fs.base, "vmfs").unwrap();
@@ -299,11 +297,11 @@ fn esxi_chain_with_two_sesparse_snapshots_serves_real_consumers() {
     assert_real_consumers(&raw, &fs);
 }
 
-#[test]
+crate::register!(corpus_vmdks_from_qemu_vmware_and_virtualbox_match_qemu);
 fn corpus_vmdks_from_qemu_vmware_and_virtualbox_match_qemu() {
-    if !fuse_ok() || !have("qemu-img") || !have("xz") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("xz");
     let t = tmpdir();
     for name in ["dfvfs_ext2.vmdk.xz", "plaso_image.vmdk.xz", "cot_blank.vmdk.xz", "cot_input.vmdk.xz"] {
         let img = corpus(name, t.path());
@@ -318,13 +316,12 @@ fn corpus_vmdks_from_qemu_vmware_and_virtualbox_match_qemu() {
     sh(&format!("qemu-img compare -q -f raw -F vmdk {} {}", raw.display(), img.display()));
 }
 
+crate::register!(stream_optimized_exports_with_the_directory_in_the_footer_match_qemu_and_libvmdk);
 /// The corpus exports carry no data, so the testkit writes one the way ovftool and VirtualBox
 /// do: the grain directory found through the footer, and a short last grain.
-#[test]
 fn stream_optimized_exports_with_the_directory_in_the_footer_match_qemu_and_libvmdk() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let size = 70 * MIB + 5 * 512;
     let mut raw = sample_raw(size);
@@ -341,14 +338,12 @@ fn stream_optimized_exports_with_the_directory_in_the_footer_match_qemu_and_libv
     assert!(String::from_utf8_lossy(&info.stdout).contains("grain directory found through the footer"));
 }
 
+crate::register!(zero_rdonly_and_offset_extents_are_placed_as_declared);
 /// A hand-written descriptor with a FLAT extent at an offset, an RDONLY extent and a ZERO
 /// extent (qemu skips non-RW and ZERO lines and so reads a shorter, shifted disk; VMware places
 /// every line), and a child whose ZERO extent masks its parent.
-#[test]
 fn zero_rdonly_and_offset_extents_are_placed_as_declared() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let dev = pattern(5, (3 * MIB) as usize);
     std::fs::write(t.path().join("dev.img"), &dev).unwrap();
@@ -397,7 +392,7 @@ fn zero_rdonly_and_offset_extents_are_placed_as_declared() {
     assert_same("ZERO extent in a child", &read_mounted(&snap, &[]), &cm);
 }
 
-#[test]
+crate::register!(info_shows_descriptor_facts_extents_and_the_chain);
 fn info_shows_descriptor_facts_extents_and_the_chain() {
     let t = tmpdir();
     let base_data = pattern(1, (20 * MIB) as usize);
@@ -431,12 +426,12 @@ fn info_shows_descriptor_facts_extents_and_the_chain() {
     assert_eq!(layers[1]["details"]["parentCID"], "ffffffff (no parent)");
 }
 
+crate::register!(a_2_tib_sparse_vmdk_mounts_quickly_and_reads_its_last_grain);
 /// A 2 TiB monolithicSparse disk: grain tables load lazily, so the mount is ready at once.
-#[test]
 fn a_2_tib_sparse_vmdk_mounts_quickly_and_reads_its_last_grain() {
-    if !fuse_ok() || !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("qemu-io");
     let t = tmpdir();
     let p = t.path().join("big.vmdk");
     sh(&format!("qemu-img create -q -f vmdk {} 2T", p.display()));

@@ -31,9 +31,7 @@ fn put(p: &Path, off: u64, bytes: &[u8]) {
 
 /// A qemu-made monolithicSparse disk (64 KiB grains) with data in grains 0, 1 and 40.
 fn qemu_sparse(dir: &Path, name: &str) -> Option<PathBuf> {
-    if !have("qemu-img") {
-        return None;
-    }
+    need("qemu-img");
     let raw = dir.join(format!("{name}.raw"));
     let mut d = vec![0u8; (4 * MIB) as usize];
     d[..128 << 10].copy_from_slice(&pattern(1, 128 << 10));
@@ -50,7 +48,7 @@ fn gte_offset(p: &Path, g: u64) -> u64 {
     u32_at(p, gd) as u64 * 512 + g * 4
 }
 
-#[test]
+crate::register!(extent_paths_outside_the_allowed_directories_are_refused_though_qemu_follows_them);
 fn extent_paths_outside_the_allowed_directories_are_refused_though_qemu_follows_them() {
     let t = tmpdir();
     for path in ["/etc/shadow", "../../../../../../etc/shadow"] {
@@ -84,7 +82,7 @@ fn extent_paths_outside_the_allowed_directories_are_refused_though_qemu_follows_
     }
 }
 
-#[test]
+crate::register!(a_missing_extent_is_refused_naming_it);
 fn a_missing_extent_is_refused_naming_it() {
     let t = tmpdir();
     let (p, _) = write_flat(t.path(), "vm", &pattern(1, 8192), "vmfs").unwrap();
@@ -92,7 +90,7 @@ fn a_missing_extent_is_refused_naming_it() {
     refused(&p, &p, &["extent 0 file 'vm-flat.vmdk' not found", "vm-flat.vmdk"]);
 }
 
-#[test]
+crate::register!(a_flat_extent_shorter_than_its_line_is_refused);
 fn a_flat_extent_shorter_than_its_line_is_refused() {
     let t = tmpdir();
     let (p, _) = write_flat(t.path(), "vm", &pattern(1, (2 * MIB) as usize), "vmfs").unwrap();
@@ -101,7 +99,7 @@ fn a_flat_extent_shorter_than_its_line_is_refused() {
     refused(&p, &flat, &["flat extent holds 1048576 bytes", "vm.vmdk declares 4096 sectors"]);
 }
 
-#[test]
+crate::register!(a_truncated_sparse_extent_is_refused);
 fn a_truncated_sparse_extent_is_refused() {
     let t = tmpdir();
     let Some(p) = qemu_sparse(t.path(), "cut.vmdk") else { return };
@@ -110,7 +108,7 @@ fn a_truncated_sparse_extent_is_refused() {
     refused(&p, &p, &["grain table 0 entry 40", "past the end of the file"]);
 }
 
-#[test]
+crate::register!(grain_directory_and_table_entries_past_the_end_are_refused);
 fn grain_directory_and_table_entries_past_the_end_are_refused() {
     let t = tmpdir();
     let Some(p) = qemu_sparse(t.path(), "gd.vmdk") else { return };
@@ -122,7 +120,7 @@ fn grain_directory_and_table_entries_past_the_end_are_refused() {
     refused(&p, &p, &["grain table 0 entry 1", "past the end of the file"]);
 }
 
-#[test]
+crate::register!(impossible_grain_sizes_are_refused);
 fn impossible_grain_sizes_are_refused() {
     let t = tmpdir();
     for grain in [0u64, 24, 4096] {
@@ -145,7 +143,7 @@ fn sesparse_snapshot(dir: &Path) -> (PathBuf, PathBuf) {
     (b.build(dir, "vm-000001").unwrap(), dir.join("vm-000001-sesparse.vmdk"))
 }
 
-#[test]
+crate::register!(unsupported_sesparse_versions_and_dirty_journals_are_refused);
 fn unsupported_sesparse_versions_and_dirty_journals_are_refused() {
     let t = tmpdir();
     let (snap, ext) = sesparse_snapshot(t.path());
@@ -163,7 +161,7 @@ fn unsupported_sesparse_versions_and_dirty_journals_are_refused() {
     refused(&snap, &ext, &["grain table 0 entry 256 has an unknown type"]);
 }
 
-#[test]
+crate::register!(raw_device_maps_unknown_create_types_and_noaccess_extents_are_refused);
 fn raw_device_maps_unknown_create_types_and_noaccess_extents_are_refused() {
     let t = tmpdir();
     std::fs::write(t.path().join("x-flat.vmdk"), vec![0u8; 4096]).unwrap();
@@ -187,7 +185,7 @@ fn raw_device_maps_unknown_create_types_and_noaccess_extents_are_refused() {
     refused(&p, &p, &["bad extent line", "double quotes"]);
 }
 
-#[test]
+crate::register!(bare_snapshot_extents_point_at_their_descriptor);
 fn bare_snapshot_extents_point_at_their_descriptor() {
     let t = tmpdir();
     let (_, ext) = sesparse_snapshot(t.path());
@@ -204,7 +202,7 @@ fn bare_snapshot_extents_point_at_their_descriptor() {
     }
 }
 
-#[test]
+crate::register!(a_parent_cid_mismatch_is_refused_showing_both_cids);
 fn a_parent_cid_mismatch_is_refused_showing_both_cids() {
     let t = tmpdir();
     let (base, base_cid) = write_flat(t.path(), "vm", &pattern(1, MIB as usize), "vmfs").unwrap();
@@ -212,7 +210,7 @@ fn a_parent_cid_mismatch_is_refused_showing_both_cids() {
     refused(&snap, &snap, &[&format!("has identity {base_cid:08x}"), "expects 0badcafe", "--ignore-parent-id"]);
 }
 
-#[test]
+crate::register!(a_missing_parent_is_refused_naming_it);
 fn a_missing_parent_is_refused_naming_it() {
     let t = tmpdir();
     let (snap, _) = sesparse_snapshot(t.path());
@@ -220,8 +218,8 @@ fn a_missing_parent_is_refused_naming_it() {
     refused(&snap, &snap, &["parent not found", "parentFileNameHint 'vm.vmdk'"]);
 }
 
+crate::register!(a_parent_cycle_is_refused);
 /// qemu never finishes opening such a pair; vdiskfs notices the loop.
-#[test]
 fn a_parent_cycle_is_refused() {
     let t = tmpdir();
     let (base, _) = write_flat(t.path(), "vm", &pattern(1, MIB as usize), "vmfs").unwrap();
@@ -234,13 +232,12 @@ fn a_parent_cycle_is_refused() {
     assert_one_line_error(&o, &t.path().join("a.vmdk").display().to_string(), &["parent cycle", "b.vmdk"]);
 }
 
+crate::register!(bad_compressed_grains_give_eio_and_a_log_line);
 /// A stream-optimized grain that fails to inflate, or inflates to the wrong size, is EIO for
 /// that grain with a log line naming the file; the rest of the disk reads.
-#[test]
 fn bad_compressed_grains_give_eio_and_a_log_line() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let t = tmpdir();
     let raw = t.path().join("s.raw");
     let mut d = vec![0u8; (2 * MIB) as usize];
@@ -270,13 +267,13 @@ fn bad_compressed_grains_give_eio_and_a_log_line() {
     assert_eq!(&buf[..], &pattern(3, 3 << 16)[2 << 16..(2 << 16) + 4096]);
 }
 
+crate::register!(a_bad_grain_table_of_a_large_disk_gives_eio_at_read_time);
 /// Grain tables of a large disk are checked when first loaded: a bad entry there is EIO at read
 /// time with a log line, and the mount itself is not delayed by reading every table.
-#[test]
 fn a_bad_grain_table_of_a_large_disk_gives_eio_at_read_time() {
-    if !fuse_ok() || !have("qemu-img") || !have("qemu-io") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
+    need("qemu-io");
     let t = tmpdir();
     let p = t.path().join("large.vmdk");
     sh(&format!("qemu-img create -q -f vmdk {} 600G", p.display()));

@@ -73,11 +73,14 @@ fn ova_xml(disks: &[(&str, u32, u64, u32)]) -> String {
     b.cd_drive(false).ova_xml()
 }
 
-#[test]
+crate::register!(xva_img_exports_in_every_tar_dialect_match_raw_disks_and_xva_img);
 fn xva_img_exports_in_every_tar_dialect_match_raw_disks_and_xva_img() {
-    if !fuse_ok() || !have("xva-img") || !have("xxhsum") || !have("zstd") || !have("pzstd") || !have("gzip") {
-        return;
-    }
+    need_fuse();
+    need("xva-img");
+    need("xxhsum");
+    need("zstd");
+    need("pzstd");
+    need("gzip");
     let t = tmpdir();
     let p = t.path();
     let a = sparse_disk(9 * MIB, 1); // xva-img 1.4.2 drops a partial last chunk: whole MiBs only
@@ -175,11 +178,10 @@ fn members_of(tar: &[u8]) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-#[test]
+crate::register!(xapi_export_with_keepalive_chunks_reads_as_the_importer_places_it);
 fn xapi_export_with_keepalive_chunks_reads_as_the_importer_places_it() {
-    if !fuse_ok() || !have("xva-img") {
-        return;
-    }
+    need_fuse();
+    need("xva-img");
     let t = tmpdir();
     let p = t.path();
     let sys = sparse_disk(12 * MIB, 3);
@@ -229,11 +231,9 @@ fn xapi_export_with_keepalive_chunks_reads_as_the_importer_places_it() {
     }
 }
 
-#[test]
+crate::register!(compressed_exports_read_randomly_and_sequentially_without_a_copy);
 fn compressed_exports_read_randomly_and_sequentially_without_a_copy() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let p = t.path();
     let disk = sparse_disk(40 * MIB, 5);
@@ -276,11 +276,10 @@ fn compressed_exports_read_randomly_and_sequentially_without_a_copy() {
     assert!(total < 4 * MIB, "indexes are small: {total}");
 }
 
-#[test]
+crate::register!(real_consumers_read_a_mounted_xva_disk);
 fn real_consumers_read_a_mounted_xva_disk() {
-    if !fuse_ok() || !have("qemu-img") {
-        return;
-    }
+    need_fuse();
+    need("qemu-img");
     let Some(fs) = fs_pair(64 * MIB) else { return };
     let t = tmpdir();
     let p = t.path();
@@ -301,11 +300,9 @@ fn real_consumers_read_a_mounted_xva_disk() {
     assert_eq!(got[0], fs.base_file.1, "file read through loop + ext4");
 }
 
-#[test]
+crate::register!(corrupted_chunk_gives_eio_and_a_log_line_check_reports_it_and_no_verify_reads_it);
 fn corrupted_chunk_gives_eio_and_a_log_line_check_reports_it_and_no_verify_reads_it() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let p = t.path();
     let disk = pattern(9, (4 * MIB) as usize);
@@ -393,7 +390,7 @@ fn refused(img: &Path, needles: &[&str]) {
     }
 }
 
-#[test]
+crate::register!(bad_archives_are_refused_with_one_line_naming_archive_and_member);
 fn bad_archives_are_refused_with_one_line_naming_archive_and_member() {
     let t = tmpdir();
     let p = t.path();
@@ -520,11 +517,9 @@ fn bad_archives_are_refused_with_one_line_naming_archive_and_member() {
     refused(&write("random.xva", &pattern(8, 4096)), &["not an XVA"]);
 }
 
-#[test]
+crate::register!(v7_sha1_export_without_zero_omission_and_an_end_marker_less_tar_reads_back);
 fn v7_sha1_export_without_zero_omission_and_an_end_marker_less_tar_reads_back() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let p = t.path();
     let d = sparse_disk(3 * MIB + 512, 6);

@@ -16,21 +16,43 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// True when `tool` is on PATH. Missing locally: skip with a note. Missing in CI: fail.
-pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
+fn on_path(tool: &str) -> bool {
+    Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
         .stdout(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
+        .is_ok_and(|s| s.success())
+}
+
+/// Skips the test when `tool` is not on PATH (locally); in CI a missing tool is a failure.
+pub fn need(tool: &str) {
+    if !on_path(tool) {
+        assert!(!in_ci(), "{tool} is required in CI but is not installed");
+        crate::harness::skip(format!("{tool} not installed"));
+    }
+}
+
+/// Skips the test when FUSE mounts cannot be made here (locally); in CI that is a failure.
+pub fn need_fuse() {
+    if !Path::new("/dev/fuse").exists() {
+        assert!(!in_ci(), "FUSE (/dev/fuse) is required in CI");
+        crate::harness::skip("no /dev/fuse");
+    }
+    need("fusermount3");
+}
+
+/// For an optional extra check inside a test that runs anyway: true when `tool` is on PATH.
+/// Missing locally, the check is left out and the harness lists it; missing in CI, a failure.
+pub fn have(tool: &str) -> bool {
+    let found = on_path(tool);
     if !found {
         assert!(!in_ci(), "{tool} is required in CI but is not installed");
-        eprintln!("skipping: {tool} not installed");
+        crate::harness::note(format!("{tool} not installed"));
     }
     found
 }
 
-/// True when FUSE mounts can be made here.
+/// True when FUSE mounts can be made here (for helpers that can also work without).
 pub fn fuse_ok() -> bool {
     let ok = Path::new("/dev/fuse").exists() && have("fusermount3");
     if !ok {
@@ -245,8 +267,8 @@ pub struct FsPair {
 }
 
 pub fn fs_pair(disk_size: u64) -> Option<FsPair> {
-    if !(have("sfdisk") && have("mkfs.ext4") && have("debugfs")) {
-        return None;
+    for tool in ["sfdisk", "mkfs.ext4", "debugfs"] {
+        need(tool);
     }
     let t = tmpdir();
     let p = t.path();

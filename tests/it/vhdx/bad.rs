@@ -37,7 +37,7 @@ fn patch(p: &Path, edit: impl FnOnce(&mut Vec<u8>), reseal: &[(usize, usize)]) {
     std::fs::write(p, b).unwrap();
 }
 
-#[test]
+crate::register!(both_headers_bad_is_refused);
 fn both_headers_bad_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "h.vhdx");
@@ -48,7 +48,7 @@ fn both_headers_bad_is_refused() {
     refused(&p, &p, &["both headers are invalid", "header 1 at 0x10000", "header 2 at 0x20000", "checksum mismatch"]);
 }
 
-#[test]
+crate::register!(region_table_crc_mismatch_is_refused);
 fn region_table_crc_mismatch_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "r.vhdx");
@@ -60,7 +60,7 @@ fn region_table_crc_mismatch_is_refused() {
     refused(&p, &p, &["region table checksum mismatch", "0x30000", "copy at 0x40000 is also invalid"]);
 }
 
-#[test]
+crate::register!(overlapping_regions_are_refused);
 fn overlapping_regions_are_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "overlap.vhdx");
@@ -78,7 +78,7 @@ fn overlapping_regions_are_refused() {
     refused(&p, &p, &["metadata region at 0x200000..0x300000 overlaps the BAT region"]);
 }
 
-#[test]
+crate::register!(bat_entry_past_end_of_file_is_refused);
 fn bat_entry_past_end_of_file_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "bat.vhdx");
@@ -86,7 +86,7 @@ fn bat_entry_past_end_of_file_is_refused() {
     refused(&p, &p, &["BAT entry 4 (block 4, FULLY_PRESENT)", "past the end of the file"]);
 }
 
-#[test]
+crate::register!(bat_entry_overlapping_metadata_is_refused);
 fn bat_entry_overlapping_metadata_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "meta.vhdx");
@@ -96,7 +96,7 @@ fn bat_entry_overlapping_metadata_is_refused() {
     refused(&p, &p, &["BAT entry 0", "reserved state 4"]);
 }
 
-#[test]
+crate::register!(impossible_block_sizes_are_refused);
 fn impossible_block_sizes_are_refused() {
     for bs in [0u32, 512 << 10, 3 << 20, 512 << 20] {
         let t = tmpdir();
@@ -106,7 +106,7 @@ fn impossible_block_sizes_are_refused() {
     }
 }
 
-#[test]
+crate::register!(logical_sector_sizes_other_than_512_and_4096_are_refused);
 fn logical_sector_sizes_other_than_512_and_4096_are_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "lss.vhdx");
@@ -114,7 +114,7 @@ fn logical_sector_sizes_other_than_512_and_4096_are_refused() {
     refused(&p, &p, &["logical sector size 1024", "must be 512 or 4096"]);
 }
 
-#[test]
+crate::register!(virtual_size_beyond_64_tib_is_refused);
 fn virtual_size_beyond_64_tib_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "huge.vhdx");
@@ -125,7 +125,7 @@ fn virtual_size_beyond_64_tib_is_refused() {
     refused(&p, &p, &["BAT region", "needs 67125247"]);
 }
 
-#[test]
+crate::register!(a_bad_checksum_in_the_active_log_sequence_is_refused);
 fn a_bad_checksum_in_the_active_log_sequence_is_refused() {
     let t = tmpdir();
     let p = t.path().join("dirty.vhdx");
@@ -137,7 +137,7 @@ fn a_bad_checksum_in_the_active_log_sequence_is_refused() {
     refused(&p, &p, &["log at 0x100000", "sequence 1001", "checksum mismatch", "sequence 1002", "cannot be replayed"]);
 }
 
-#[test]
+crate::register!(a_torn_last_log_entry_is_not_replayed);
 fn a_torn_last_log_entry_is_not_replayed() {
     // A crash while the last entry was written: the sequence before it is replayed.
     let t = tmpdir();
@@ -164,7 +164,7 @@ fn chain3(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (top, mid, base)
 }
 
-#[test]
+crate::register!(missing_parent_is_refused_naming_it);
 fn missing_parent_is_refused_naming_it() {
     let t = tmpdir();
     let (top, mid, base) = chain3(t.path());
@@ -172,7 +172,7 @@ fn missing_parent_is_refused_naming_it() {
     refused(&top, &mid, &["parent not found", r"relative_path '.\base.vhdx'", "base.vhdx"]);
 }
 
-#[test]
+crate::register!(parent_linkage_mismatch_is_refused_with_both_guids);
 fn parent_linkage_mismatch_is_refused_with_both_guids() {
     let t = tmpdir();
     let (top, mid, base) = chain3(t.path());
@@ -190,7 +190,7 @@ fn parent_linkage_mismatch_is_refused_with_both_guids() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-#[test]
+crate::register!(parent_linkage2_is_accepted);
 fn parent_linkage2_is_accepted() {
     let t = tmpdir();
     let base = sample(t.path(), "base.vhdx");
@@ -210,7 +210,7 @@ fn parent_linkage2_is_accepted() {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-#[test]
+crate::register!(a_differencing_disk_without_parent_linkage_is_refused);
 fn a_differencing_disk_without_parent_linkage_is_refused() {
     let t = tmpdir();
     let base = sample(t.path(), "base.vhdx");
@@ -223,7 +223,7 @@ fn a_differencing_disk_without_parent_linkage_is_refused() {
     refused(&child, &child, &["parent locator has no valid parent_linkage (missing)"]);
 }
 
-#[test]
+crate::register!(truncated_file_is_refused);
 fn truncated_file_is_refused() {
     let t = tmpdir();
     let p = sample(t.path(), "trunc.vhdx");
@@ -234,13 +234,11 @@ fn truncated_file_is_refused() {
     refused(&p, &p, &["too small to be a VHDX"]);
 }
 
+crate::register!(read_time_truncation_gives_eio_and_a_log_line);
 /// A defect found only at read time (the file was truncated after the mount) gives EIO for that
 /// range and a log line; the rest of the disk still reads.
-#[test]
 fn read_time_truncation_gives_eio_and_a_log_line() {
-    if !fuse_ok() {
-        return;
-    }
+    need_fuse();
     let t = tmpdir();
     let p = sample(t.path(), "live.vhdx");
     let m = mount(&[p.as_os_str()]);
