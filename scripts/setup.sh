@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Installs everything vdiskfs's tests, demo and benchmarks use (as root, on Debian 12 or
+# Ubuntu 22.04+). The README's set-up line and .ci/run both call this, so a newcomer's first
+# test run has every tool CI has.
+#
+# Package sources: only the ones this machine already has. Where qemu-utils comes from
+# bookworm-backports (qemu 10), guestfish needs the matching qemu-system from the same suite;
+# when no backports source is configured, one is derived from the machine's own Debian source
+# (same mirror, suite <release>-backports). No mirror host is ever written here.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+# shellcheck disable=SC1091
+. /etc/os-release
+release=${VERSION_CODENAME:-}
+
+apt_sources() {
+  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null || true
+}
+
+# A backports source derived from the configured main Debian source, if none is configured.
+add_backports() {
+  [ "$ID" = debian ] && [ -n "$release" ] || return 0
+  local all
+  all=$(apt_sources)
+  # (No `cmd | grep -q` under pipefail: grep's early exit would fail the pipeline.)
+  if grep -Eq "^[^#]*${release}-backports" <<<"$all"; then
+    return 0
+  fi
+  local uri=""
+  # deb822 (.sources): the URIs line of the stanza whose Suites has the release itself.
+  uri=$(awk -v r="$release" '
+      /^URIs:/ { u = $2 }
+      /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == r) found = u }
+      /^$/ { u = "" }
+      END { print found }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  if [ -z "$uri" ]; then
+    # One-line format: deb [opts] URI release component...
+    uri=$(awk -v r="$release" '$1 == "deb" && !u { for (i = 2; i < NF; i++) if ($(i+1) == r && $i !~ /^\[/) u = $i } END { print u }' <<<"$all")
+  fi
+  if [ -z "$uri" ]; then
+    echo "setup: no Debian source for $release found; skipping backports" >&2
+    return 0
+  fi
+  echo "deb $uri ${release}-backports main" > /etc/apt/sources.list.d/vdiskfs-backports.list
+  echo "setup: added ${release}-backports from $uri" >&2
+}
+
+add_backports
+apt-get update -q
+
+# Tools the tests run, and the independent readers they compare with.
+apt-get install -y -q --no-install-recommends \
+  fuse3 kpartx fdisk e2fsprogs util-linux mount xz-utils gzip zstd xxhash tar \
+  libvhdi-utils libvmdk-utils qemu-utils xva-img python3-pip
+
+# guestfish (libguestfs, a TCG appliance) for the overlay tests. Its qemu-system must match
+# qemu-utils: take it from backports when qemu-utils came from there.
+kernel=linux-image-amd64
+[ "$ID" = ubuntu ] && kernel=linux-image-generic
+policy=$(apt-cache policy qemu-utils)
+if [ -n "$release" ] && grep -q "${release}-backports" <<<"$policy"; then
+  apt-get install -y -q -t "${release}-backports" guestfish "$kernel" qemu-system-x86
+else
+  apt-get install -y -q guestfish "$kernel"
+fi
+
+# dissect.hypervisor: a third independent reader for SESparse and COWD. Pinned: the tests
+# assert the defects of these versions.
+pip_pkgs=(dissect.hypervisor==3.21 dissect.cstruct==4.7 dissect.util==3.24)
+python3 -m pip install -q "${pip_pkgs[@]}" 2>/dev/null ||
+  python3 -m pip install -q --break-system-packages "${pip_pkgs[@]}"
+
+echo "setup: done"
