@@ -46,11 +46,12 @@ impl Disk {
         Ok(self.with_overlay(ov))
     }
 
-    /// Every local file this disk reads: each layer's file and the overlay. None of them may
-    /// ever be written by an export.
+    /// Every local file this disk reads: every source of every layer (VMDK extents too), and
+    /// the overlay. None of them may ever be written by an export.
     pub fn source_paths(&self) -> Vec<PathBuf> {
-        let layers = self.chain.layers().iter().filter_map(|l| l.location().as_path().map(Path::to_path_buf));
-        layers.chain(self.overlay.iter().map(|o| o.path().to_path_buf())).collect()
+        let layers = self.chain.layers().iter().flat_map(|l| l.sources());
+        let files = layers.filter_map(|s| s.location().as_path().map(Path::to_path_buf));
+        files.chain(self.overlay.iter().map(|o| o.path().to_path_buf())).collect()
     }
 
     pub fn name(&self) -> &str {

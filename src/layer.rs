@@ -5,7 +5,9 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::source::Location;
+use std::sync::Arc;
+
+use crate::source::{Location, Source};
 
 /// What a range of a layer's virtual disk holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +141,9 @@ impl ParentInfo {
 pub trait Layer: Send + Sync + fmt::Debug {
     /// The main file of this layer (parents and extents resolve relative to it).
     fn location(&self) -> &Location;
+    /// Every source this layer reads (the main file first; VMDK extents follow). Nothing any
+    /// of them names may ever be written (an export target, an overlay).
+    fn sources(&self) -> Vec<Arc<dyn Source>>;
     /// Size of the virtual disk, as the format stores it.
     fn virtual_size(&self) -> u64;
     /// What `[offset, offset + n)` holds for the largest `1 <= n <= max_len` of one kind.

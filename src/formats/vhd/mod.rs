@@ -298,6 +298,9 @@ fn parent_ref(src: &dyn Source, h: &DynHeader, len: u64) -> Result<ParentRef> {
 }
 
 impl Layer for VhdLayer {
+    fn sources(&self) -> Vec<Arc<dyn Source>> {
+        vec![self.src.clone()]
+    }
     fn location(&self) -> &Location {
         self.src.location()
     }

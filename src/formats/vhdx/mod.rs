@@ -125,6 +125,8 @@ struct Facts {
 /// A VHDX of any type.
 #[derive(Debug)]
 pub struct VhdxLayer {
+    /// The file itself.
+    file: Arc<dyn Source>,
     /// The file as the replayed log makes it (the file itself when the log is empty).
     view: Arc<dyn Source>,
     meta: Metadata,
@@ -241,6 +243,7 @@ impl VhdxLayer {
         let per_block = (geo.sectors_per_block() / 8).max(1) as usize;
         let cap = NonZeroUsize::new((BITMAP_CACHE_BYTES / per_block).max(16)).expect("non-zero");
         Ok(VhdxLayer {
+            file: src,
             view,
             meta,
             geo,
@@ -418,6 +421,9 @@ fn parent_ref(m: &Metadata) -> Result<ParentRef> {
 }
 
 impl Layer for VhdxLayer {
+    fn sources(&self) -> Vec<Arc<dyn Source>> {
+        vec![self.file.clone()]
+    }
     fn location(&self) -> &Location {
         self.view.location()
     }

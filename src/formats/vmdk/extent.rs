@@ -233,6 +233,11 @@ impl<'a> ExtentFiles<'a> {
         Err(CrateError::not_found(format!("extent {i} file '{file}' not found (looked for {looked})")))
     }
 
+    /// Every extent file opened, each once.
+    pub fn into_sources(self) -> Vec<Arc<dyn Source>> {
+        self.opened.into_iter().map(|(_, s)| s).collect()
+    }
+
     /// Opens extent `i`, which covers `[start, start + line.sectors * 512)` of the disk.
     pub fn open(&mut self, i: usize, start: u64, line: &ExtentLine) -> Result<Extent> {
         let len = line.sectors * SECTOR;

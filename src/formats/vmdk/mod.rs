@@ -108,6 +108,8 @@ enum DescAt {
 #[derive(Debug)]
 pub struct VmdkLayer {
     loc: Location,
+    /// The descriptor's file, then every extent file.
+    sources: Vec<Arc<dyn Source>>,
     desc: Descriptor,
     desc_at: DescAt,
     create_type: String,
@@ -146,8 +148,9 @@ impl VmdkLayer {
         let len = src.len()?;
         let head = src.read_vec(0, len.min(512) as usize)?;
         let tables = Arc::new(ByteLru::new(TABLE_CACHE_BYTES));
+        let mut sources = vec![src.clone()];
         let (desc, desc_at, extents) = if head.starts_with(hosted::MAGIC) {
-            Self::open_monolithic(src, &loc, gate, &tables)?
+            Self::open_monolithic(src, &loc, gate, &tables, &mut sources)?
         } else if head.starts_with(cowd::MAGIC) {
             return Err(CrateError::unsupported(format!(
                 "a vmfsSparse (COWD) delta extent has no parent or size information of its own: open the descriptor that names it{}",
@@ -164,7 +167,7 @@ impl VmdkLayer {
             }
             let text = descriptor::decode_text(&src.read_vec(0, len as usize)?);
             let desc = descriptor::parse(&text)?;
-            let extents = Self::open_extents(&desc, &loc, gate, &tables)?;
+            let extents = Self::open_extents(&desc, &loc, gate, &tables, &mut sources)?;
             (desc, DescAt::File, extents)
         };
         let create_type = match desc.create_type.clone() {
@@ -194,6 +197,7 @@ impl VmdkLayer {
         let allocated = validate_small_tables(&extents)?;
         Ok(VmdkLayer {
             loc,
+            sources,
             desc,
             desc_at,
             create_type,
@@ -212,6 +216,7 @@ impl VmdkLayer {
         loc: &Location,
         gate: &Gate,
         tables: &Arc<ByteLru<(u32, u64)>>,
+        sources: &mut Vec<Arc<dyn Source>>,
     ) -> Result<(Descriptor, DescAt, Vec<Extent>)> {
         let (h, footer) = extent::read_hosted_header(src.as_ref())?;
         let flen = src.len()?;
@@ -238,7 +243,7 @@ impl VmdkLayer {
         let desc = descriptor::parse(&text)?;
         let desc_at = DescAt::Embedded { sector: h.desc_offset, sectors: h.desc_size };
         if h.capacity == 0 {
-            let extents = Self::open_extents(&desc, loc, gate, tables)?;
+            let extents = Self::open_extents(&desc, loc, gate, tables, sources)?;
             return Ok((desc, desc_at, extents));
         }
         let len = h.capacity.checked_mul(SECTOR).filter(|&l| l <= MAX_SIZE).ok_or_else(|| {
@@ -265,6 +270,7 @@ impl VmdkLayer {
         loc: &Location,
         gate: &Gate,
         tables: &Arc<ByteLru<(u32, u64)>>,
+        sources: &mut Vec<Arc<dyn Source>>,
     ) -> Result<Vec<Extent>> {
         if desc.extents.len() > MAX_EXTENTS {
             return Err(CrateError::unsupported(format!(
@@ -289,6 +295,7 @@ impl VmdkLayer {
             out.push(files.open(i, start, line)?);
             start = end;
         }
+        sources.extend(files.into_sources());
         Ok(out)
     }
 
@@ -357,6 +364,9 @@ fn in_extent(err: CrateError, e: &Extent) -> CrateError {
 }
 
 impl Layer for VmdkLayer {
+    fn sources(&self) -> Vec<Arc<dyn Source>> {
+        self.sources.clone()
+    }
     fn location(&self) -> &Location {
         &self.loc
     }

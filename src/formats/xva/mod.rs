@@ -367,6 +367,9 @@ impl XvaDisk {
 }
 
 impl Layer for XvaDisk {
+    fn sources(&self) -> Vec<Arc<dyn Source>> {
+        vec![self.archive.src.clone()]
+    }
     fn location(&self) -> &Location {
         self.archive.location()
     }
