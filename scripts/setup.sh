@@ -52,7 +52,8 @@ apt-get update -q
 # Tools the tests run, and the independent readers they compare with.
 apt-get install -y -q --no-install-recommends \
   fuse3 kpartx fdisk e2fsprogs util-linux mount xz-utils gzip zstd xxhash tar \
-  libvhdi-utils libvmdk-utils qemu-utils xva-img python3-pip
+  libvhdi-utils libvmdk-utils qemu-utils xva-img python3-pip \
+  fio bc
 
 # guestfish (libguestfs, a TCG appliance) for the overlay tests. Its qemu-system must match
 # qemu-utils: take it from backports when qemu-utils came from there.
