@@ -158,12 +158,12 @@ pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDi
     };
     let text = ova.content.as_deref().ok_or_else(|| Error::OvaXml(format!("{} bytes, too large", ova.size)))?;
     let text = std::str::from_utf8(text).map_err(|_| Error::OvaXml("not UTF-8 text".into()))?;
-    if ovaxml::root_element(text).as_deref() == Some("appliance") {
-        return Err(CrateError::unsupported(
+    let export = Export::parse(text).map_err(|e| match e {
+        ovaxml::ParseError::Appliance => CrateError::unsupported(
             "ova.xml: an <appliance> description of the old pre-tar XVA layout (XenServer < 4.1); not supported",
-        ));
-    }
-    let export = Export::parse(text).map_err(|m| Error::OvaXml(format!("malformed: {m}")))?;
+        ),
+        ovaxml::ParseError::Malformed(m) => Error::OvaXml(format!("malformed: {m}")).into(),
+    })?;
     let vdis: Vec<(String, u64)> = export.vdis.iter().map(|v| (v.id.clone(), v.virtual_size)).collect();
     let Layout { unit, disks } = chunks::place(&ix.members[1..], &vdis, export.export_vsn > 0)?;
     // Without the end-of-archive blocks, a disk whose data stops short may be a cut-off file.
