@@ -261,7 +261,7 @@ pub fn open(src: Arc<dyn Source>, cfg: &OpenConfig) -> Result<Vec<(String, XvaDi
 
 /// A valid first header, or a ustar one whose checksum is wrong (the index pass reports that).
 fn looks_like_tar(head: &[u8]) -> bool {
-    head.len() >= 512 && (matches!(tar::parse_header(head, 0), Ok(Some(_))) || &head[257..262] == b"ustar")
+    head.get(..512).and_then(|b| b.try_into().ok()).is_some_and(|b| tar::is_header(b) || &b[257..262] == b"ustar")
 }
 
 /// A VDI label as a file name: no `/`, no control characters, not empty, not `.`/`..`.
