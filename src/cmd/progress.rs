@@ -39,6 +39,9 @@ impl Progress for Bar {
     fn advance(&self, n: u64) {
         self.bar.inc(n);
     }
+    fn set(&self, done: u64) {
+        self.bar.set_position(done);
+    }
     fn note(&self, line: &str) {
         if self.bar.is_hidden() {
             println!("{line}");

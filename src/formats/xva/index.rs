@@ -9,14 +9,15 @@
 //! and older indexes of the same inode are removed.
 
 use std::fs::File;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::stream::{self, Codec, Cursor, Point, Recorder, Windows};
-use super::tar::{self, End, Forward, Member, PlainForward};
+use super::stream::{self, Codec, Point, Recorder, Windows};
+use super::tar::{self, End, Input, Member};
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 use crate::source::{FileId, Source};
 
 const MAGIC: &[u8; 8] = b"VDXVAIX1";
@@ -41,12 +42,7 @@ fn keep(name: &str, size: u64) -> bool {
 }
 
 /// Loads the cached index of `src`, or builds (and caches) it.
-pub fn open(
-    src: &Arc<dyn Source>,
-    codec: Codec,
-    cache_dir: Option<&Path>,
-    _progress: &dyn crate::progress::Progress,
-) -> Result<Index> {
+pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>, progress: &dyn Progress) -> Result<Index> {
     let id = src.id();
     let path = match (cache_dir, id) {
         (Some(d), Some(id)) => {
@@ -74,7 +70,7 @@ pub fn open(
         Some((_, f)) => Recorder::file(f.try_clone().map_err(|e| Error::io("index file", e))?),
         None => Recorder::memory(),
     };
-    let mut ix = build(src, codec, rec)?;
+    let mut ix = build(src, codec, rec, progress)?;
     if let (Some((tp, f)), Some(p), Some(id)) = (tmp, path, id) {
         match save(&f, &tp, &p, &id, &ix) {
             Ok(()) => {
@@ -100,99 +96,27 @@ fn create_tmp(p: &Path) -> std::io::Result<(PathBuf, File)> {
     Ok((tp, f))
 }
 
-/// A progress bar on stderr, only when stderr is a terminal.
-pub fn progress(len: u64, msg: &str) -> Option<indicatif::ProgressBar> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let pb = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
-    pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    pb.set_message(msg.to_string());
-    Some(pb)
-}
-
-/// The decompressor as a forward reader for the tar walk.
-struct ScanForward {
-    scanner: stream::Scanner,
-    pos: u64,
-    scratch: Vec<u8>,
-    eof: bool,
-}
-
-impl Forward for ScanForward {
-    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize> {
-        let c = self.scanner.cursor();
-        while self.pos < off && !self.eof {
-            let n = ((off - self.pos) as usize).min(1 << 20);
-            self.scratch.resize(n, 0);
-            let got = c.read(&mut self.scratch[..n])?;
-            self.eof = got == 0;
-            self.pos += got as u64;
-        }
-        if self.eof {
-            return Ok(0);
-        }
-        let got = c.read(buf)?;
-        self.eof = got == 0;
-        self.pos += got as u64;
-        Ok(got)
-    }
-    fn progress(&self) -> u64 {
-        match &self.scanner {
-            stream::Scanner::Gz(d) => d.compressed_pos(),
-            stream::Scanner::Zstd(d) => d.compressed_pos(),
-        }
-    }
-    fn stream_end(&self) -> Option<u64> {
-        self.eof.then_some(self.pos)
-    }
-}
-
-fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder) -> Result<Index> {
+fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder, progress: &dyn Progress) -> Result<Index> {
     let len = src.len()?;
     let what = if codec == Codec::Plain { "indexing" } else { "indexing (decompressing)" };
-    let pb = progress(len, &format!("{} {what}", src.location().file_name()));
+    progress.start(&format!("{} {what}", src.location().file_name()), len);
+    let tick = |at: u64| progress.set(at);
     let mut members = Vec::new();
-    let mut last_tick = 0u64;
+    let mut push = |m: Member| {
+        members.push(m);
+        Ok(())
+    };
     let (end, total, rec) = match codec {
-        Codec::Plain => {
-            let mut f = PlainForward { src: src.as_ref(), len, pos: 0 };
-            let end = tar::walk(&mut f, &keep, &mut |m| {
-                if let Some(pb) = &pb
-                    && m.offset - last_tick > 64 << 20
-                {
-                    pb.set_position(m.offset);
-                    last_tick = m.offset;
-                }
-                members.push(m);
-                Ok(())
-            })?;
-            (end, len, rec)
-        }
+        Codec::Plain => (tar::walk(Input::File(src.as_ref()), &keep, &mut push, &tick)?, len, rec),
         _ => {
-            let mut f = ScanForward {
-                scanner: stream::scanner(codec, src.clone(), rec)?,
-                pos: 0,
-                scratch: Vec::new(),
-                eof: false,
-            };
-            let end = {
-                let pbr = pb.clone();
-                let mut cb = |m: Member| {
-                    members.push(m);
-                    Ok(())
-                };
-                walk_with_progress(&mut f, &mut cb, pbr.as_ref())?
-            };
+            let mut scanner = stream::scanner(codec, src.clone(), rec)?;
+            let end = tar::walk(Input::Decoder(scanner.cursor()), &keep, &mut push, &tick)?;
             // Decode to the end: trailing blocks, and so the stream's own checks run (gzip CRC,
             // a zstd frame cut short).
+            let c = scanner.cursor();
             let mut buf = vec![0u8; 1 << 20];
             loop {
-                match f.read_at(f.pos, &mut buf) {
+                match c.read(&mut buf) {
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(e) => {
@@ -200,46 +124,13 @@ fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder) -> Result<Index> {
                     }
                 }
             }
-            let total = f.pos;
-            let rec = f.scanner.finish().ok_or_else(|| Error::corrupt("internal: no recorder"))?;
+            let total = c.pos();
+            let rec = scanner.finish().ok_or_else(|| Error::corrupt("internal: no recorder"))?;
             (end, total, rec)
         }
     };
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
+    progress.finish();
     Ok(Index { codec, members, end, total, points: rec.points, windows: rec.windows, cached: None })
-}
-
-fn walk_with_progress(
-    f: &mut ScanForward,
-    cb: &mut dyn FnMut(Member) -> Result<()>,
-    pb: Option<&indicatif::ProgressBar>,
-) -> Result<End> {
-    let mut n = 0u32;
-    let mut fwd = Tick { f, pb, n: &mut n };
-    tar::walk(&mut fwd, &keep, cb)
-}
-
-struct Tick<'a> {
-    f: &'a mut ScanForward,
-    pb: Option<&'a indicatif::ProgressBar>,
-    n: &'a mut u32,
-}
-
-impl Forward for Tick<'_> {
-    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<usize> {
-        *self.n += 1;
-        if let Some(pb) = self.pb
-            && (*self.n).is_multiple_of(64)
-        {
-            pb.set_position(self.f.progress());
-        }
-        self.f.read_at(off, buf)
-    }
-    fn stream_end(&self) -> Option<u64> {
-        self.f.stream_end()
-    }
 }
 
 // ---- the index file ----

@@ -176,12 +176,12 @@ pub fn open(src: Arc<dyn Source>, opts: &Options, progress: &dyn Progress) -> Re
     };
     let text = ova.content.as_deref().ok_or_else(|| Error::OvaXml(format!("{} bytes, too large", ova.size)))?;
     let text = std::str::from_utf8(text).map_err(|_| Error::OvaXml("not UTF-8 text".into()))?;
-    if ovaxml::root_element(text).as_deref() == Some("appliance") {
-        return Err(CrateError::unsupported(
+    let export = Export::parse(text).map_err(|e| match e {
+        ovaxml::ParseError::Appliance => CrateError::unsupported(
             "ova.xml: an <appliance> description of the old pre-tar XVA layout (XenServer < 4.1); not supported",
-        ));
-    }
-    let export = Export::parse(text).map_err(|m| Error::OvaXml(format!("malformed: {m}")))?;
+        ),
+        ovaxml::ParseError::Malformed(m) => Error::OvaXml(format!("malformed: {m}")).into(),
+    })?;
     let vdis: Vec<(String, u64)> = export.vdis.iter().map(|v| (v.id.clone(), v.virtual_size)).collect();
     let Layout { unit, disks } = chunks::place(&ix.members[1..], &vdis, export.export_vsn > 0)?;
     // Without the end-of-archive blocks, a disk whose data stops short may be a cut-off file.
@@ -279,7 +279,7 @@ pub fn open(src: Arc<dyn Source>, opts: &Options, progress: &dyn Progress) -> Re
 
 /// A valid first header, or a ustar one whose checksum is wrong (the index pass reports that).
 fn looks_like_tar(head: &[u8]) -> bool {
-    head.len() >= 512 && (matches!(tar::parse_header(head, 0), Ok(Some(_))) || &head[257..262] == b"ustar")
+    head.get(..512).and_then(|b| b.try_into().ok()).is_some_and(|b| tar::is_header(b) || &b[257..262] == b"ustar")
 }
 
 /// A VDI label as a file name: no `/`, no control characters, not empty, not `.`/`..`.
