@@ -18,17 +18,14 @@
 mod footer;
 mod header;
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
-
-use lru::LruCache;
-use parking_lot::Mutex;
 
 pub use footer::{Footer, checksum};
 pub use header::{BatmapHeader, DynHeader};
 
 use super::bitset::{BitOrder, BitSet, bitmap_run};
-use super::table::PagedTable;
+use super::table::{Endian, EntryType, PagedTable};
+use crate::cache::ByteCache;
 use crate::error::{Error as CrateError, Kind, Result};
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span, fmt_uuid};
 use crate::source::{Location, Source};
@@ -60,13 +57,16 @@ impl From<Error> for CrateError {
 pub const MAX_SIZE: u64 = 2 << 40;
 const SECTOR: u64 = 512;
 const UNUSED: u64 = 0xFFFF_FFFF;
-/// Bytes of sector bitmaps cached per layer (1024 bitmaps of a 2 MiB-block disk). The chain's
-/// merged block map caches resolved blocks, so this only serves first touches.
+/// Bytes of sector bitmaps cached per layer (1024 bitmaps of a 2 MiB-block disk, less the
+/// cache's bookkeeping). The chain's merged block map caches resolved blocks, so this only
+/// serves first touches. At least 16 bitmaps are kept, whatever the block size.
 const BITMAP_CACHE_BYTES: u64 = 512 << 10;
-/// BAT pages (4 KiB: 2 GiB of a 2 MiB-block disk each) cached per layer. Small pages keep a
-/// random read's miss cheap; unallocated blocks never reach the BAT (see `Dynamic::alloc`).
+const MIN_BITMAPS: u64 = 16;
+/// BAT pages (4 KiB: 2 GiB of a 2 MiB-block disk each) and how many bytes of them are cached per
+/// layer (64 pages). Small pages keep a random read's miss cheap; unallocated blocks never reach
+/// the BAT (see `Dynamic::alloc`).
 const BAT_PAGE_BYTES: usize = 4096;
-const BAT_PAGES: usize = 64;
+const BAT_CACHE_BYTES: usize = 64 * BAT_PAGE_BYTES;
 /// Parent locator payloads larger than this are not paths.
 const MAX_LOCATOR: u32 = 64 << 10;
 
@@ -101,7 +101,7 @@ struct Dynamic {
     allocated_blocks: u64,
     /// blktap batmap: bit set = block fully allocated.
     batmap: Option<Vec<u8>>,
-    bitmaps: Mutex<LruCache<u64, Arc<[u8]>>>,
+    bitmaps: ByteCache<u64, Arc<[u8]>>,
 }
 
 /// True when the file looks like a VHD (cookie in the last sector or the first).
@@ -164,7 +164,9 @@ impl VhdLayer {
             return Err(CrateError::corrupt(format!("BAT at {to:#x} runs past the end of the file ({len:#x})")));
         }
         let bitmap_bytes = (bs / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
-        let bat = PagedTable::with_page_size(src.clone(), to, blocks, 4, true, BAT_PAGE_BYTES, BAT_PAGES);
+        let bat = PagedTable::new(src.clone(), to, blocks, EntryType::U32(Endian::Big))
+            .with_page_bytes(BAT_PAGE_BYTES)
+            .with_cache_bytes(BAT_CACHE_BYTES);
         // One streaming pass: every entry must point inside the file (bounded memory).
         let mut allocated_blocks = 0;
         let mut alloc = BitSet::new(blocks);
@@ -194,9 +196,7 @@ impl VhdLayer {
             alloc,
             allocated_blocks,
             batmap,
-            bitmaps: Mutex::new(LruCache::new(
-                NonZeroUsize::new((BITMAP_CACHE_BYTES / bitmap_bytes).max(16) as usize).expect("non-zero"),
-            )),
+            bitmaps: ByteCache::new(BITMAP_CACHE_BYTES.max(MIN_BITMAPS * bitmap_bytes) as usize),
         };
         Ok(VhdLayer { src, footer, footer_at, dynamic: Some(dynamic), parent })
     }
@@ -206,12 +206,7 @@ impl VhdLayer {
     }
 
     fn bitmap(&self, d: &Dynamic, block: u64, entry: u64) -> Result<Arc<[u8]>> {
-        if let Some(b) = d.bitmaps.lock().get(&block).cloned() {
-            return Ok(b);
-        }
-        let b: Arc<[u8]> = self.src.read_vec(entry * SECTOR, d.bitmap_bytes as usize)?.into();
-        d.bitmaps.lock().put(block, b.clone());
-        Ok(b)
+        d.bitmaps.get_or_load(block, || Ok(self.src.read_vec(entry * SECTOR, d.bitmap_bytes as usize)?.into()))
     }
 
     fn absent(&self) -> fn(u64) -> Span {

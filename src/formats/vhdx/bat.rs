@@ -224,6 +224,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::formats::table::{Endian, EntryType};
     use crate::source::MemSource;
 
     #[test]
@@ -259,7 +260,8 @@ mod tests {
 
     fn table(entries: &[u64]) -> PagedTable {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        PagedTable::new(Arc::new(MemSource::new("bat", bytes)), 0, entries.len() as u64, 8, false, 1)
+        let entry = EntryType::U64(Endian::Little);
+        PagedTable::new(Arc::new(MemSource::new("bat", bytes)), 0, entries.len() as u64, entry).with_cache_bytes(1)
     }
 
     #[test]

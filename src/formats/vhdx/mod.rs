@@ -34,17 +34,14 @@ mod log;
 mod metadata;
 mod view;
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
-
-use lru::LruCache;
-use parking_lot::Mutex;
 
 use self::bat::{Geometry, Stats};
 use self::header::{Guid, HEADER_SECTION, Header, Region, guid};
 use self::metadata::Metadata;
 use super::bitset::{BitOrder, bitmap_run};
-use super::table::PagedTable;
+use super::table::{Endian, EntryType, PagedTable};
+use crate::cache::ByteCache;
 use crate::error::{Error as CrateError, Kind, Result};
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span, fmt_guid_le};
 use crate::source::{Location, Source};
@@ -99,10 +96,12 @@ impl From<Error> for CrateError {
 
 pub const BAT_REGION: Guid = guid(0x2DC27766, 0xF623, 0x4200, [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]);
 pub const METADATA_REGION: Guid = guid(0x8B7CA206, 0x4790, 0x4B9A, [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E]);
-/// BAT pages cached per layer (64 KiB each: 8192 entries, 8 GiB of a 1 MiB-block disk).
-const BAT_PAGES: usize = 16;
-/// Bytes of sector bitmaps cached per layer.
+/// Bytes of BAT pages cached per layer (16 pages of 64 KiB: 8192 entries, 8 GiB of a 1 MiB-block
+/// disk, each).
+const BAT_CACHE_BYTES: usize = 16 * super::table::PAGE_BYTES;
+/// Bytes of sector bitmaps cached per layer; at least 16 bitmaps are kept, whatever their size.
 const BITMAP_CACHE_BYTES: usize = 2 << 20;
+const MIN_BITMAPS: usize = 16;
 
 /// Opens one VHDX layer.
 pub fn open(src: Arc<dyn Source>) -> Result<Arc<dyn Layer>> {
@@ -131,7 +130,7 @@ pub struct VhdxLayer {
     geo: Geometry,
     bat: PagedTable,
     parent: Option<ParentRef>,
-    bitmaps: Mutex<LruCache<u64, Arc<[u8]>>>,
+    bitmaps: ByteCache<u64, Arc<[u8]>>,
     facts: Facts,
 }
 
@@ -235,18 +234,18 @@ impl VhdxLayer {
                 geo.entries()
             )));
         }
-        let table = PagedTable::new(view.clone(), bat_r.offset, geo.entries(), 8, false, BAT_PAGES);
+        let table = PagedTable::new(view.clone(), bat_r.offset, geo.entries(), EntryType::U64(Endian::Little))
+            .with_cache_bytes(BAT_CACHE_BYTES);
         let stats = bat::validate(&table, &geo, view_len, &reserved)?;
         let parent = if meta.has_parent { Some(parent_ref(&meta)?) } else { None };
         let per_block = (geo.sectors_per_block() / 8).max(1) as usize;
-        let cap = NonZeroUsize::new((BITMAP_CACHE_BYTES / per_block).max(16)).expect("non-zero");
         Ok(VhdxLayer {
             view,
             meta,
             geo,
             bat: table,
             parent,
-            bitmaps: Mutex::new(LruCache::new(cap)),
+            bitmaps: ByteCache::new(BITMAP_CACHE_BYTES.max(MIN_BITMAPS * per_block)),
             facts: Facts {
                 creator,
                 header_index: cur,
@@ -285,21 +284,18 @@ impl VhdxLayer {
 
     /// The part of the chunk's sector bitmap that covers `block`.
     fn bitmap(&self, block: u64) -> Result<Arc<[u8]>> {
-        if let Some(b) = self.bitmaps.lock().get(&block).cloned() {
-            return Ok(b);
-        }
-        let chunk = block / self.geo.chunk_ratio;
-        let e = self.bat.get(self.geo.bitmap_index(chunk))?;
-        if bat::state(e) != bat::SB_PRESENT {
-            return Err(CrateError::corrupt(format!(
-                "block {block} is PARTIALLY_PRESENT but the sector bitmap of chunk {chunk} is not present"
-            ))
-            .in_file(self.location()));
-        }
-        let (at, n) = self.geo.bitmap_slice(block);
-        let b: Arc<[u8]> = self.view.read_vec(bat::file_offset(e) + at, n)?.into();
-        self.bitmaps.lock().put(block, b.clone());
-        Ok(b)
+        self.bitmaps.get_or_load(block, || {
+            let chunk = block / self.geo.chunk_ratio;
+            let e = self.bat.get(self.geo.bitmap_index(chunk))?;
+            if bat::state(e) != bat::SB_PRESENT {
+                return Err(CrateError::corrupt(format!(
+                    "block {block} is PARTIALLY_PRESENT but the sector bitmap of chunk {chunk} is not present"
+                ))
+                .in_file(self.location()));
+            }
+            let (at, n) = self.geo.bitmap_slice(block);
+            Ok(self.view.read_vec(bat::file_offset(e) + at, n)?.into())
+        })
     }
 
     fn subformat(&self) -> &'static str {
