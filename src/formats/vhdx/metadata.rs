@@ -28,7 +28,7 @@ pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
 /// A metadata table entry (MS-VHDX 2.6.1.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub struct MetadataEntry {
     pub id: Guid,
     /// Relative to the start of the metadata region.
     pub offset: u32,
@@ -37,7 +37,7 @@ pub struct Entry {
     pub is_required: bool,
 }
 
-impl Entry {
+impl MetadataEntry {
     /// True for a system item this module understands.
     pub fn known(&self) -> bool {
         !self.is_user
@@ -54,7 +54,7 @@ impl Entry {
 }
 
 /// Parses the 64 KiB metadata table; every item must lie inside a region of `region_len` bytes.
-pub fn parse_table(b: &[u8], region_len: u64) -> Result<Vec<Entry>, Error> {
+pub fn parse_table(b: &[u8], region_len: u64) -> Result<Vec<MetadataEntry>, Error> {
     let b = &b[..TABLE_SIZE];
     if &b[0..8] != b"metadata" {
         return Err(Error::Signature { what: "metadata table", found: b[0..8].to_vec() });
@@ -67,7 +67,7 @@ pub fn parse_table(b: &[u8], region_len: u64) -> Result<Vec<Entry>, Error> {
     for i in 0..count as usize {
         let e = &b[32 + 32 * i..64 + 32 * i];
         let flags = LittleEndian::read_u32(&e[24..28]);
-        let entry = Entry {
+        let entry = MetadataEntry {
             id: e[0..16].try_into().expect("16 bytes"),
             offset: LittleEndian::read_u32(&e[16..20]),
             length: LittleEndian::read_u32(&e[20..24]),
@@ -124,7 +124,7 @@ pub struct Metadata {
 impl Metadata {
     /// Interprets the items: `items` pairs each table entry with its bytes (empty for items this
     /// module does not read).
-    pub fn from_items(items: &[(Entry, Vec<u8>)]) -> Result<Metadata, Error> {
+    pub fn from_items(items: &[(MetadataEntry, Vec<u8>)]) -> Result<Metadata, Error> {
         if let Some((e, _)) = items.iter().find(|(e, _)| e.is_required && !e.known()) {
             return Err(Error::UnknownRequired { what: "metadata item", guid: fmt_guid_le(&e.id) });
         }
@@ -223,11 +223,11 @@ mod tests {
         s.encode_utf16().flat_map(|c| c.to_le_bytes()).collect()
     }
 
-    fn entry(id: Guid, len: usize) -> Entry {
-        Entry { id, offset: 0x10000, length: len as u32, is_user: false, is_required: true }
+    fn entry(id: Guid, len: usize) -> MetadataEntry {
+        MetadataEntry { id, offset: 0x10000, length: len as u32, is_user: false, is_required: true }
     }
 
-    fn items(bs: u32, lss: u32, size: u64, flags: u32) -> Vec<(Entry, Vec<u8>)> {
+    fn items(bs: u32, lss: u32, size: u64, flags: u32) -> Vec<(MetadataEntry, Vec<u8>)> {
         let mut fp = bs.to_le_bytes().to_vec(); // block size
         fp.extend_from_slice(&flags.to_le_bytes()); // leave allocated (bit 0), has parent (bit 1)
         vec![

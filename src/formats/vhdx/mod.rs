@@ -12,8 +12,9 @@
 //! disk and zeros otherwise, ZERO and UNMAPPED read zeros that mask the parent, FULLY_PRESENT
 //! reads the block, PARTIALLY_PRESENT reads sector by sector through the sector bitmap (bit 0 of
 //! byte 0 first, 2.4). A non-empty log (2.3) is replayed **in memory**: the active sequence's
-//! data and zero descriptors form an overlay that every read of region table, metadata, BAT and
-//! payload goes through; the source is never written.
+//! data and zero descriptors become [`replayed::ReplayedWrites`], layered over the file by
+//! [`replayed::ReplayedFile`], through which every read of region table, metadata, BAT and
+//! payload goes; the source is never written.
 //!
 //! The parent must carry `parent_linkage` (or `parent_linkage2`) as its DataWriteGuid.
 //!
@@ -30,14 +31,14 @@
 
 mod bat;
 mod header;
-mod log;
+mod log_entries;
 mod metadata;
-mod view;
+mod replayed;
 
 use std::sync::Arc;
 
 use self::bat::{Geometry, Stats};
-use self::header::{Guid, HEADER_SECTION, Header, Region, guid};
+use self::header::{Guid, HEADER_SECTION, Region, VhdxHeader, guid};
 use self::metadata::Metadata;
 use super::bitset::{BitOrder, bitmap_run};
 use super::table::{Endian, EntryType, PagedTable};
@@ -113,11 +114,11 @@ pub fn open(src: Arc<dyn Source>) -> Result<Arc<dyn Layer>> {
 struct Facts {
     creator: String,
     header_index: usize,
-    header: Header,
+    header: VhdxHeader,
     other_header: std::result::Result<u64, String>,
     region_copy: usize,
     region_note: Option<String>,
-    log: Option<log::Summary>,
+    log: Option<log_entries::Summary>,
     stats: Stats,
 }
 
@@ -159,9 +160,9 @@ impl VhdxLayer {
         let creator = header::parse_file_id(&src.read_vec(0, 520)?)?;
         let mut hs = Vec::new();
         for at in header::HEADER_OFFSETS {
-            hs.push(Header::parse(&src.read_vec(at, header::HEADER_SIZE)?));
+            hs.push(VhdxHeader::parse(&src.read_vec(at, header::HEADER_SIZE)?));
         }
-        let hs: [std::result::Result<Header, Error>; 2] = [hs.remove(0), hs.remove(0)];
+        let hs: [std::result::Result<VhdxHeader, Error>; 2] = [hs.remove(0), hs.remove(0)];
         let Some(cur) = header::current(&hs) else {
             let why = |i: usize| hs[i].as_ref().err().map(|e| e.to_string()).unwrap_or_default();
             return Err(CrateError::corrupt(format!(
@@ -176,7 +177,7 @@ impl VhdxLayer {
         let other_header = match &hs[1 - cur] {
             Ok(o) => Ok(o.sequence),
             Err(e) => {
-                ::log::info!("{}: header {} is invalid ({e}); using header {}", src.location(), 2 - cur, cur + 1);
+                log::info!("{}: header {} is invalid ({e}); using header {}", src.location(), 2 - cur, cur + 1);
                 Err(e.to_string())
             }
         };
@@ -310,7 +311,11 @@ impl VhdxLayer {
 }
 
 /// Replays a non-empty log into an in-memory view of the file.
-fn replay_log(src: &Arc<dyn Source>, h: &Header, len: u64) -> Result<(Arc<dyn Source>, Option<log::Summary>)> {
+fn replay_log(
+    src: &Arc<dyn Source>,
+    h: &VhdxHeader,
+    len: u64,
+) -> Result<(Arc<dyn Source>, Option<log_entries::Summary>)> {
     let (off, n) = (h.log_offset, h.log_length as u64);
     if h.log_version != 0 {
         return Err(Error::Version { what: "log", found: h.log_version, supported: 0 }.into());
@@ -320,11 +325,11 @@ fn replay_log(src: &Arc<dyn Source>, h: &Header, len: u64) -> Result<(Arc<dyn So
             "log at {off:#x} (+{n:#x}) is not a 1 MiB-aligned area after the header section"
         )));
     }
-    if n > log::MAX_LOG as u64 {
+    if n > log_entries::MAX_LOG as u64 {
         return Err(CrateError::unsupported(format!(
             "the log to replay is {} MiB; vdiskfs replays logs of at most {} MiB",
             n >> 20,
-            log::MAX_LOG >> 20
+            log_entries::MAX_LOG >> 20
         )));
     }
     if off + n > len {
@@ -334,16 +339,16 @@ fn replay_log(src: &Arc<dyn Source>, h: &Header, len: u64) -> Result<(Arc<dyn So
         )));
     }
     let bytes = src.read_vec(off, n as usize)?;
-    let (overlay, new_len, summary) =
-        log::replay(&bytes, &h.log_guid, len).map_err(|e| prefixed(e, &format!("log at {off:#x}: ")))?;
-    ::log::info!(
+    let (writes, new_len, summary) =
+        log_entries::replay(&bytes, &h.log_guid, len).map_err(|e| prefixed(e, &format!("log at {off:#x}: ")))?;
+    log::info!(
         "{}: replayed {} log entries (sequence {}..{}) in memory",
         src.location(),
         summary.entries,
         summary.first_sequence,
         summary.last_sequence
     );
-    Ok((Arc::new(view::Replayed::new(src.clone(), overlay, len, new_len)), Some(summary)))
+    Ok((Arc::new(replayed::ReplayedFile::new(src.clone(), writes, len, new_len)), Some(summary)))
 }
 
 /// Reads the region table, falling back to the second copy. Returns the entries, which copy
@@ -357,7 +362,7 @@ fn read_regions(view: &dyn Source) -> Result<(Vec<Region>, usize, Option<String>
     };
     match header::parse_regions(&view.read_vec(b, header::REGION_SIZE)?) {
         Ok(r) => {
-            ::log::warn!(
+            log::warn!(
                 "{}: region table at {a:#x} is invalid ({first_err}); using the copy at {b:#x}",
                 view.location()
             );
@@ -376,7 +381,7 @@ fn read_metadata(view: &dyn Source, r: &Region) -> Result<Metadata> {
     let table = metadata::parse_table(&view.read_vec(r.offset, metadata::TABLE_SIZE)?, r.length as u64).map_err(ctx)?;
     // Each known item is read once, and only as many bytes as it can use, so a crafted table
     // cannot make the open read more than about 1 MiB.
-    let mut items: Vec<(metadata::Entry, Vec<u8>)> = Vec::with_capacity(table.len());
+    let mut items: Vec<(metadata::MetadataEntry, Vec<u8>)> = Vec::with_capacity(table.len());
     for e in table {
         let first = e.known() && !items.iter().any(|(o, b)| o.id == e.id && !o.is_user && !b.is_empty());
         let want = if e.id == metadata::PARENT_LOCATOR { e.length } else { e.length.min(16) };

@@ -1,6 +1,7 @@
 //! The metadata log (MS-VHDX 2.3), replayed in memory: entries are validated, the active
-//! sequence is found as in 2.3.3, and its data and zero descriptors become an overlay that every
-//! later read of the file goes through ([`super::view::Replayed`]). The source is never written.
+//! sequence is found as in 2.3.3, and its data and zero descriptors become the
+//! [`ReplayedWrites`] that every later read of the file goes through
+//! ([`super::replayed::ReplayedFile`]). The source is never written.
 //!
 //! Stricter than the spec in one place: if a valid entry newer than the active sequence's head
 //! exists, the newest sequence was damaged in the middle (not torn at its head, which is what a
@@ -12,7 +13,7 @@ use byteorder::{ByteOrder, LittleEndian};
 
 use super::Error;
 use super::header::{Guid, checksum};
-use super::view::Overlay;
+use super::replayed::ReplayedWrites;
 use crate::error::Result;
 use crate::layer::fmt_guid_le;
 
@@ -37,7 +38,7 @@ pub struct EntryHeader {
 /// One write a descriptor asks for. `Data` holds the whole reassembled 4 KiB sector when the
 /// entry was read with its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
+pub enum LogWrite {
     Data { file_offset: u64, sector: Option<Box<[u8]>> },
     Zero { file_offset: u64, length: u64 },
 }
@@ -54,7 +55,7 @@ pub enum Probe {
     },
     Valid {
         header: EntryHeader,
-        writes: Vec<Write>,
+        writes: Vec<LogWrite>,
     },
 }
 
@@ -125,7 +126,7 @@ pub fn probe(log: &[u8], at: u64, guid: &Guid, with_data: bool) -> Probe {
                 if !length.is_multiple_of(SECTOR) || file_offset.checked_add(length).is_none() {
                     return broken(format!("zero descriptor {k} length {length:#x} is not a multiple of 4 KiB"));
                 }
-                writes.push(Write::Zero { file_offset, length });
+                writes.push(LogWrite::Zero { file_offset, length });
             }
             b"desc" => {
                 if (data_sector + 1) * SECTOR > len {
@@ -144,7 +145,7 @@ pub fn probe(log: &[u8], at: u64, guid: &Guid, with_data: bool) -> Probe {
                     v[4092..4096].copy_from_slice(&d[4..8]); // trailing bytes
                     v.into_boxed_slice()
                 });
-                writes.push(Write::Data { file_offset, sector });
+                writes.push(LogWrite::Data { file_offset, sector });
                 data_sector += 1;
             }
             other => return broken(format!("descriptor {k} has unknown signature {other:02x?}")),
@@ -251,14 +252,14 @@ pub struct Summary {
     pub zero_descriptors: usize,
 }
 
-/// Replays the active sequence of `log` over a file of `file_len` bytes. Returns the overlay, the
+/// Replays the active sequence of `log` over a file of `file_len` bytes. Returns the writes, the
 /// file length afterwards (extended to LastFileOffset and to the furthest write) and a summary.
-pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<(Overlay, u64, Summary), Error> {
+pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<(ReplayedWrites, u64, Summary), Error> {
     let seq = active_sequence(log, guid)?;
     if seq.head.flushed_file_offset > file_len {
         return Err(Error::LogTruncated { flushed: seq.head.flushed_file_offset, len: file_len });
     }
-    let mut overlay = Overlay::default();
+    let mut replayed = ReplayedWrites::default();
     let mut summary = Summary {
         entries: seq.offsets.len(),
         first_sequence: seq.first,
@@ -272,14 +273,14 @@ pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<(Overlay, u64, S
         };
         for w in writes {
             match w {
-                Write::Data { .. } => summary.data_descriptors += 1,
-                Write::Zero { .. } => summary.zero_descriptors += 1,
+                LogWrite::Data { .. } => summary.data_descriptors += 1,
+                LogWrite::Zero { .. } => summary.zero_descriptors += 1,
             }
-            overlay.apply(w);
+            replayed.apply(w);
         }
     }
-    let len = file_len.max(seq.head.last_file_offset).max(overlay.end());
-    Ok((overlay, len, summary))
+    let len = file_len.max(seq.head.last_file_offset).max(replayed.end());
+    Ok((replayed, len, summary))
 }
 
 #[cfg(test)]
@@ -287,7 +288,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::formats::vhdx::view::Replayed;
+    use crate::formats::vhdx::replayed::ReplayedFile;
     use crate::source::{MemSource, Source};
 
     const GUID: Guid = [0x5A; 16];
@@ -366,7 +367,7 @@ mod tests {
         let (ov, len, sum) = replay(&log, &GUID, 4 << 20).unwrap();
         assert_eq!(len, 5 << 20, "extended to LastFileOffset");
         assert_eq!((sum.data_descriptors, sum.zero_descriptors), (1, 1));
-        let v = Replayed::new(Arc::new(MemSource::new("f", vec![1u8; 4 << 20])), ov, 4 << 20, len);
+        let v = ReplayedFile::new(Arc::new(MemSource::new("f", vec![1u8; 4 << 20])), ov, 4 << 20, len);
         assert_eq!(
             v.read_vec(0x2000, 0x1000).unwrap(),
             vec![0u8; 0x1000],
@@ -388,7 +389,7 @@ mod tests {
         let s = active_sequence(&log, &GUID).unwrap();
         assert_eq!(s.offsets, vec![at]);
         let (ov, _, _) = replay(&log, &GUID, 8 << 20).unwrap();
-        let v = Replayed::new(Arc::new(MemSource::new("f", vec![1u8; 8 << 20])), ov, 8 << 20, 8 << 20);
+        let v = ReplayedFile::new(Arc::new(MemSource::new("f", vec![1u8; 8 << 20])), ov, 8 << 20, 8 << 20);
         assert_eq!(v.read_vec(0x6000, 0x1000).unwrap(), vec![9u8; 0x1000]);
     }
 
