@@ -6,11 +6,31 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use crate::chain::Chain;
-use crate::error::{Error, Kind, Result};
-use crate::overlay::{Overlay, State};
+use crate::error::{Error, ErrorKind, Kind, Result};
+use crate::overlay::{ClusterState, Overlay, OverlayError};
 
 /// Allocation not known yet.
 const UNKNOWN: u64 = u64::MAX;
+
+/// What a disk refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("--overlay {} is one of the source images", .0.display())]
+    OverlayIsSource(PathBuf),
+    #[error("read-only disk (mount with --overlay FILE to make it writable)")]
+    ReadOnly,
+    #[error("write past the end of the disk")]
+    WritePastEnd,
+}
+
+impl ErrorKind for DiskError {
+    fn kind(&self) -> Kind {
+        match self {
+            DiskError::OverlayIsSource(_) | DiskError::WritePastEnd => Kind::Usage,
+            DiskError::ReadOnly => Kind::ReadOnly,
+        }
+    }
+}
 
 /// One flat raw disk.
 #[derive(Debug)]
@@ -40,7 +60,7 @@ impl Disk {
         if let Ok(a) = std::fs::canonicalize(path)
             && self.source_paths().iter().any(|s| std::fs::canonicalize(s).is_ok_and(|b| b == a))
         {
-            return Err(Error::usage(format!("--overlay {} is one of the source images", path.display())));
+            return Err(DiskError::OverlayIsSource(path.to_path_buf()).into());
         }
         let ov = Overlay::attach(path, self.size(), &self.chain.identity_text()?, cluster, writable)?;
         Ok(self.with_overlay(ov))
@@ -111,12 +131,11 @@ impl Disk {
         for r in ov.runs(offset, n as u64) {
             let b = &mut buf[(r.start - offset) as usize..(r.start - offset + r.len) as usize];
             match r.state {
-                State::Chain => self.chain.read(r.start, b)?,
-                State::Data => ov.read_data(r.start, b)?,
-                State::Zero => b.fill(0),
-                State::Invalid => {
-                    return Err(Error::corrupt(format!("overlay map entry at virtual {:#x} is invalid", r.start))
-                        .in_file(ov.path().display()));
+                ClusterState::Chain => self.chain.read(r.start, b)?,
+                ClusterState::Data => ov.read_data(r.start, b)?,
+                ClusterState::Zero => b.fill(0),
+                ClusterState::Invalid => {
+                    return Err(Error::from(OverlayError::InvalidAt(r.start)).in_file(ov.path().display()));
                 }
             }
         }
@@ -124,10 +143,7 @@ impl Disk {
     }
 
     fn overlay_for_write(&self) -> Result<&Overlay> {
-        self.overlay
-            .as_ref()
-            .filter(|o| o.writable())
-            .ok_or_else(|| Error::new(Kind::ReadOnly, "read-only disk (mount with --overlay FILE to make it writable)"))
+        self.overlay.as_ref().filter(|o| o.writable()).ok_or_else(|| DiskError::ReadOnly.into())
     }
 
     fn fill(&self) -> impl Fn(u64, &mut [u8]) -> Result<()> + '_ {
@@ -138,7 +154,7 @@ impl Disk {
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<usize> {
         let ov = self.overlay_for_write()?;
         if offset.saturating_add(data.len() as u64) > self.size() {
-            return Err(Error::new(Kind::Usage, "write past the end of the disk"));
+            return Err(DiskError::WritePastEnd.into());
         }
         ov.write(offset, data, &self.fill())?;
         Ok(data.len())
@@ -165,9 +181,9 @@ impl Disk {
         let Some(ov) = &self.overlay else { return self.chain.next_data(offset) };
         for r in ov.runs(offset, self.size() - offset) {
             match r.state {
-                State::Data | State::Invalid => return Ok(Some(r.start)),
-                State::Zero => {}
-                State::Chain => {
+                ClusterState::Data | ClusterState::Invalid => return Ok(Some(r.start)),
+                ClusterState::Zero => {}
+                ClusterState::Chain => {
                     if let Some(d) = self.chain.next_data(r.start)?
                         && d < r.start + r.len
                     {
@@ -187,9 +203,9 @@ impl Disk {
         let Some(ov) = &self.overlay else { return self.chain.next_hole(offset).map(Some) };
         for r in ov.runs(offset, self.size() - offset) {
             match r.state {
-                State::Zero => return Ok(Some(r.start)),
-                State::Data | State::Invalid => {}
-                State::Chain => {
+                ClusterState::Zero => return Ok(Some(r.start)),
+                ClusterState::Data | ClusterState::Invalid => {}
+                ClusterState::Chain => {
                     let h = self.chain.next_hole(r.start)?;
                     if h < r.start + r.len {
                         return Ok(Some(h));

@@ -4,14 +4,50 @@
 pub mod background;
 pub mod fuse;
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::time::SystemTime;
 
 use crate::disk::Disk;
-use crate::error::{Error, Kind, Result};
+use crate::error::{ErrorKind, Kind, Result};
 
 pub const ROOT: u64 = 1;
 const FIRST_DISK: u64 = 2;
+
+/// What the filesystem refuses. Each variant's kind gives the errno FUSE replies with.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no inode {0}")]
+    NoInode(u64),
+    #[error("no disk named {0:?}")]
+    NoDisk(OsString),
+    /// A lookup in a disk (ENOENT: disks hold no names).
+    #[error("not a directory")]
+    LookupInFile,
+    /// A readdir of a disk (EINVAL).
+    #[error("not a directory")]
+    ReaddirOfFile,
+    /// `truncate` to another size (EACCES).
+    #[error("the size of a disk is fixed")]
+    Resize,
+    /// `fallocate` past the end without KEEP_SIZE (EINVAL).
+    #[error("the disk size is fixed")]
+    Extend,
+    #[error("range overflows")]
+    RangeOverflows,
+    #[error("fallocate mode {0:#x} is not supported")]
+    FallocateMode(i32),
+}
+
+impl ErrorKind for FsError {
+    fn kind(&self) -> Kind {
+        match self {
+            FsError::NoInode(_) | FsError::NoDisk(_) | FsError::LookupInFile => Kind::NotFound,
+            FsError::ReaddirOfFile | FsError::Extend | FsError::RangeOverflows => Kind::Usage,
+            FsError::Resize => Kind::Denied,
+            FsError::FallocateMode(_) => Kind::Unsupported,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
@@ -70,9 +106,7 @@ impl VdiskFs {
     }
 
     fn disk(&self, ino: u64) -> Result<&Disk> {
-        ino.checked_sub(FIRST_DISK)
-            .and_then(|i| self.disks.get(i as usize))
-            .ok_or_else(|| Error::not_found(format!("no inode {ino}")))
+        ino.checked_sub(FIRST_DISK).and_then(|i| self.disks.get(i as usize)).ok_or_else(|| FsError::NoInode(ino).into())
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
@@ -103,13 +137,13 @@ impl VdiskFs {
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr> {
         if parent != ROOT {
-            return Err(Error::not_found("not a directory"));
+            return Err(FsError::LookupInFile.into());
         }
         let i = self
             .disks
             .iter()
             .position(|d| OsStr::new(d.name()) == name)
-            .ok_or_else(|| Error::not_found(format!("no disk named {name:?}")))?;
+            .ok_or_else(|| FsError::NoDisk(name.to_os_string()))?;
         self.getattr(FIRST_DISK + i as u64)
     }
 
@@ -117,7 +151,7 @@ impl VdiskFs {
     pub fn setattr_size(&self, ino: u64, size: u64) -> Result<Attr> {
         let a = self.getattr(ino)?;
         if a.kind == NodeKind::File && size != a.size {
-            return Err(Error::new(Kind::Denied, "the size of a disk is fixed"));
+            return Err(FsError::Resize.into());
         }
         Ok(a)
     }
@@ -125,7 +159,7 @@ impl VdiskFs {
     /// Entries of the root directory (after `.` and `..`).
     pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, NodeKind, String)>> {
         if ino != ROOT {
-            return Err(Error::new(Kind::Usage, "not a directory"));
+            return Err(FsError::ReaddirOfFile.into());
         }
         let mut v = vec![(ROOT, NodeKind::Dir, ".".to_string()), (ROOT, NodeKind::Dir, "..".to_string())];
         v.extend(
@@ -177,16 +211,16 @@ impl VdiskFs {
     /// the size is refused.
     pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         let d = self.disk(ino)?;
-        let end = offset.checked_add(len).ok_or_else(|| Error::new(Kind::Usage, "range overflows"))?;
+        let end = offset.checked_add(len).ok_or(FsError::RangeOverflows)?;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let known = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
         if mode & !known != 0 || (punch && !keep) {
-            return Err(Error::unsupported(format!("fallocate mode {mode:#x} is not supported")));
+            return Err(FsError::FallocateMode(mode).into());
         }
         if end > d.size() && !keep {
-            return Err(Error::new(Kind::Usage, "the disk size is fixed"));
+            return Err(FsError::Extend.into());
         }
         if punch || zero {
             return d.discard(offset, len);
@@ -206,5 +240,22 @@ impl VdiskFs {
     pub fn statfs(&self) -> Statfs {
         let total: u64 = self.disks.iter().map(|d| d.size()).sum();
         Statfs { blocks: total.div_ceil(4096), bfree: 0, files: self.disks.len() as u64 + 1, bsize: 4096 }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_carry_the_errno_fuse_replies_with() {
+        let fs = VdiskFs::new(Vec::new());
+        let e = fs.getattr(7).unwrap_err();
+        assert_eq!((e.errno(), e.to_string().as_str()), (libc::ENOENT, "no inode 7"));
+        let e = fs.lookup(ROOT, OsStr::new("a.raw")).unwrap_err();
+        assert_eq!((e.errno(), e.to_string().as_str()), (libc::ENOENT, "no disk named \"a.raw\""));
+        assert_eq!(fs.lookup(FIRST_DISK, OsStr::new("x")).unwrap_err().errno(), libc::ENOENT);
+        assert_eq!(fs.readdir(FIRST_DISK).unwrap_err().errno(), libc::EINVAL);
+        assert!(fs.readdir(ROOT).is_ok());
     }
 }

@@ -9,27 +9,27 @@
 //! `MacX` and the deprecated `Wi2r`/`Wi2k`, whose data is read by `data_len` (Windows and blktap
 //! write `data_space` in bytes, the spec in sectors).
 //!
-//! Virtual size is `current_size`, never CHS geometry. Refused, with the error below: a bad cookie
-//! or checksum in both footer copies, a bad dynamic-header checksum, a format version other than
-//! 1.x, a block size that is not a power of two in 512 B–256 MiB, a virtual size over 2 TiB, a BAT
-//! smaller than the disk, a BAT entry whose block runs past the end of the file, a poisoned
-//! (mid-coalesce) blktap VHD, and blktap 0.1 files (little-endian bitmaps, refused by blktap itself).
+//! Virtual size is `current_size`, never CHS geometry. Refused, with the [`Error`] variant named:
+//! a bad cookie or checksum in both footer copies ([`Error::BothFooters`]), a bad dynamic-header
+//! checksum ([`Error::Header`]), a format version other than 1.x ([`Error::Version`]), a block size
+//! that is not a power of two in 512 B–256 MiB ([`Error::BlockSize`]), a virtual size over 2 TiB
+//! ([`Error::VirtualSize`]), a BAT smaller than the disk ([`Error::BatTooSmall`]), a BAT entry whose
+//! block runs past the end of the file ([`Error::BlockPastEnd`]), a poisoned (mid-coalesce) blktap
+//! VHD ([`Error::Poisoned`]), and blktap 0.1 files (little-endian bitmaps, refused by blktap
+//! itself: [`Error::Blktap01`]).
 
 mod footer;
 mod header;
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
-
-use lru::LruCache;
-use parking_lot::Mutex;
 
 pub use footer::{Footer, checksum};
 pub use header::{BatmapHeader, DynHeader};
 
 use super::bitset::{BitOrder, BitSet, bitmap_run};
-use super::table::PagedTable;
-use crate::error::{Error as CrateError, Kind, Result};
+use super::table::{Endian, EntryType, PagedTable};
+use crate::cache::ByteCache;
+use crate::error::{Error as CrateError, ErrorKind, Kind, Result};
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span, fmt_uuid};
 use crate::source::{Location, Source};
 
@@ -48,11 +48,74 @@ pub enum Error {
     BlockSize(u32),
     #[error("poisoned VHD (v_poison cookie): blktap was coalescing it and its contents are incomplete")]
     Poisoned,
+    #[error("too small to be a VHD ({len} bytes)")]
+    TooSmall { len: u64 },
+    /// The footer at the end is invalid and the copy at offset 0 describes a fixed disk, which
+    /// has no such copy.
+    #[error("footer at {offset:#x}")]
+    Footer {
+        offset: u64,
+        #[source]
+        cause: Box<Error>,
+    },
+    #[error("footer at {offset:#x}: {at_end}; the copy at offset 0 is also invalid")]
+    BothFooters {
+        offset: u64,
+        at_end: Box<Error>,
+        #[source]
+        at_start: Box<Error>,
+    },
+    #[error("footer virtual size {0} exceeds the VHD maximum of 2 TiB")]
+    VirtualSize(u64),
+    #[error("truncated: fixed disk of {size} bytes but the file holds only {data_len} bytes of data")]
+    FixedTruncated { size: u64, data_len: u64 },
+    #[error("blktap 0.1 VHD (little-endian sector bitmaps) is not supported, as by blktap itself")]
+    Blktap01,
+    #[error("dynamic header offset {offset:#x} is past the end of the file ({len:#x})")]
+    HeaderPastEnd { offset: u64, len: u64 },
+    /// The dynamic header at `offset` does not parse. The message names the defect first and
+    /// the offset last ("dynamic header checksum mismatch (…) at 0x200"), so `inner` is part of
+    /// it rather than a separate cause.
+    #[error("{inner} at {offset:#x}")]
+    Header { offset: u64, inner: Box<Error> },
+    #[error("BAT has {entries} entries but a disk of {size} bytes with {block_size}-byte blocks needs {needed}")]
+    BatTooSmall { entries: u32, size: u64, block_size: u64, needed: u64 },
+    #[error("BAT at {offset:#x} runs past the end of the file ({len:#x})")]
+    BatPastEnd { offset: u64, len: u64 },
+    #[error(
+        "BAT entry {index} (sector {sector:#x}) puts block data up to {end:#x}, past the end of the data at {data_end:#x}"
+    )]
+    BlockPastEnd { index: u64, sector: u64, end: u64, data_end: u64 },
+    #[error("parent locator {code} data at {offset:#x} (+{len}) is past the end of the file")]
+    LocatorPastEnd { code: String, offset: u64, len: u32 },
+    /// A BAT entry that was allocated when the BAT was validated at open reads as unused now.
+    #[error("BAT entry {0} changed since the image was opened")]
+    BatEntryChanged(u64),
 }
 
-impl From<Error> for CrateError {
-    fn from(e: Error) -> Self {
-        CrateError::corrupt(e.to_string())
+impl ErrorKind for Error {
+    fn kind(&self) -> Kind {
+        match self {
+            Error::BadCookie { .. }
+            | Error::Checksum { .. }
+            | Error::DiskType(_)
+            | Error::BlockSize(_)
+            | Error::Poisoned
+            | Error::TooSmall { .. }
+            | Error::VirtualSize(_)
+            | Error::FixedTruncated { .. }
+            | Error::HeaderPastEnd { .. }
+            | Error::BatTooSmall { .. }
+            | Error::BatPastEnd { .. }
+            | Error::BlockPastEnd { .. }
+            | Error::LocatorPastEnd { .. } => Kind::Corrupt,
+            Error::Version { .. } | Error::Blktap01 => Kind::Unsupported,
+            Error::BatEntryChanged(_) => Kind::Stale,
+            // A located error is what it wraps; of two bad footers, the one at the end decides.
+            Error::Footer { cause: inner, .. }
+            | Error::Header { inner, .. }
+            | Error::BothFooters { at_end: inner, .. } => inner.kind(),
+        }
     }
 }
 
@@ -60,13 +123,16 @@ impl From<Error> for CrateError {
 pub const MAX_SIZE: u64 = 2 << 40;
 const SECTOR: u64 = 512;
 const UNUSED: u64 = 0xFFFF_FFFF;
-/// Bytes of sector bitmaps cached per layer (1024 bitmaps of a 2 MiB-block disk). The chain's
-/// merged block map caches resolved blocks, so this only serves first touches.
+/// Bytes of sector bitmaps cached per layer (1024 bitmaps of a 2 MiB-block disk, less the
+/// cache's bookkeeping). The chain's merged block map caches resolved blocks, so this only
+/// serves first touches. At least 16 bitmaps are kept, whatever the block size.
 const BITMAP_CACHE_BYTES: u64 = 512 << 10;
-/// BAT pages (4 KiB: 2 GiB of a 2 MiB-block disk each) cached per layer. Small pages keep a
-/// random read's miss cheap; unallocated blocks never reach the BAT (see `Dynamic::alloc`).
+const MIN_BITMAPS: u64 = 16;
+/// BAT pages (4 KiB: 2 GiB of a 2 MiB-block disk each) and how many bytes of them are cached per
+/// layer (64 pages). Small pages keep a random read's miss cheap; unallocated blocks never reach
+/// the BAT (see `Dynamic::alloc`).
 const BAT_PAGE_BYTES: usize = 4096;
-const BAT_PAGES: usize = 64;
+const BAT_CACHE_BYTES: usize = 64 * BAT_PAGE_BYTES;
 /// Parent locator payloads larger than this are not paths.
 const MAX_LOCATOR: u32 = 64 << 10;
 
@@ -101,7 +167,7 @@ struct Dynamic {
     allocated_blocks: u64,
     /// blktap batmap: bit set = block fully allocated.
     batmap: Option<Vec<u8>>,
-    bitmaps: Mutex<LruCache<u64, Arc<[u8]>>>,
+    bitmaps: ByteCache<u64, Arc<[u8]>>,
 }
 
 /// True when the file looks like a VHD (cookie in the last sector or the first).
@@ -119,84 +185,27 @@ impl VhdLayer {
     fn open_inner(src: Arc<dyn Source>) -> Result<VhdLayer> {
         let len = src.len()?;
         if len < 512 {
-            return Err(CrateError::corrupt(format!("too small to be a VHD ({len} bytes)")));
+            return Err(Error::TooSmall { len }.into());
         }
         let (footer, footer_at) = read_footer(src.as_ref(), len)?;
         if footer.current_size > MAX_SIZE {
-            return Err(CrateError::corrupt(format!(
-                "footer virtual size {} exceeds the VHD maximum of 2 TiB",
-                footer.current_size
-            )));
+            return Err(Error::VirtualSize(footer.current_size).into());
         }
         let data_end = if footer_at == FooterAt::End { len - 512 } else { len };
         if footer.disk_type == footer::FIXED {
             if footer.current_size > data_end {
-                return Err(CrateError::corrupt(format!(
-                    "truncated: fixed disk of {} bytes but the file holds only {data_end} bytes of data",
-                    footer.current_size
-                )));
+                return Err(Error::FixedTruncated { size: footer.current_size, data_len: data_end }.into());
             }
             return Ok(VhdLayer { src, footer, footer_at, dynamic: None, parent: None });
         }
         if footer.is_tap() && footer.creator_version == 0x0000_0001 {
-            return Err(CrateError::unsupported(
-                "blktap 0.1 VHD (little-endian sector bitmaps) is not supported, as by blktap itself",
-            ));
+            return Err(Error::Blktap01.into());
         }
-        let ho = footer.data_offset;
-        if ho.checked_add(header::HEADER_SIZE as u64).is_none_or(|e| e > len) {
-            return Err(CrateError::corrupt(format!(
-                "dynamic header offset {ho:#x} is past the end of the file ({len:#x})"
-            )));
-        }
-        let header = DynHeader::parse(&src.read_vec(ho, header::HEADER_SIZE)?)
-            .map_err(|e| CrateError::corrupt(format!("{e} at {ho:#x}")))?;
-        let bs = header.block_size as u64;
-        let blocks = footer.current_size.div_ceil(bs);
-        if (header.max_table_entries as u64) < blocks {
-            return Err(CrateError::corrupt(format!(
-                "BAT has {} entries but a disk of {} bytes with {bs}-byte blocks needs {blocks}",
-                header.max_table_entries, footer.current_size
-            )));
-        }
-        let to = header.table_offset;
-        if to.checked_add(blocks * 4).is_none_or(|e| e > len) {
-            return Err(CrateError::corrupt(format!("BAT at {to:#x} runs past the end of the file ({len:#x})")));
-        }
-        let bitmap_bytes = (bs / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
-        let bat = PagedTable::with_page_size(src.clone(), to, blocks, 4, true, BAT_PAGE_BYTES, BAT_PAGES);
-        // One streaming pass: every entry must point inside the file (bounded memory).
-        let mut allocated_blocks = 0;
-        let mut alloc = BitSet::new(blocks);
-        bat.for_each(|i, e| {
-            if e == UNUSED {
-                return Ok(());
-            }
-            let end = e * SECTOR + bitmap_bytes + bs;
-            if end > data_end {
-                return Err(CrateError::corrupt(format!(
-                    "BAT entry {i} (sector {e:#x}) puts block data up to {end:#x}, past the end of the data at {data_end:#x}"
-                )));
-            }
-            allocated_blocks += 1;
-            alloc.set(i);
-            Ok(())
-        })?;
-        let batmap = read_batmap(src.as_ref(), &footer, &header, blocks, len);
-        let parent =
-            if footer.disk_type == footer::DIFFERENCING { Some(parent_ref(src.as_ref(), &header, len)?) } else { None };
-        let dynamic = Dynamic {
-            header,
-            bat,
-            block_size: bs,
-            bitmap_bytes,
-            blocks,
-            alloc,
-            allocated_blocks,
-            batmap,
-            bitmaps: Mutex::new(LruCache::new(
-                NonZeroUsize::new((BITMAP_CACHE_BYTES / bitmap_bytes).max(16) as usize).expect("non-zero"),
-            )),
+        let header = read_header(src.as_ref(), &footer, len)?;
+        let dynamic = Dynamic::open(&src, &footer, header, len, data_end)?;
+        let parent = match footer.disk_type {
+            footer::DIFFERENCING => Some(parent_ref(src.as_ref(), &dynamic.header, len)?),
+            _ => None,
         };
         Ok(VhdLayer { src, footer, footer_at, dynamic: Some(dynamic), parent })
     }
@@ -206,16 +215,64 @@ impl VhdLayer {
     }
 
     fn bitmap(&self, d: &Dynamic, block: u64, entry: u64) -> Result<Arc<[u8]>> {
-        if let Some(b) = d.bitmaps.lock().get(&block).cloned() {
-            return Ok(b);
-        }
-        let b: Arc<[u8]> = self.src.read_vec(entry * SECTOR, d.bitmap_bytes as usize)?.into();
-        d.bitmaps.lock().put(block, b.clone());
-        Ok(b)
+        d.bitmaps.get_or_load(block, || Ok(self.src.read_vec(entry * SECTOR, d.bitmap_bytes as usize)?.into()))
     }
 
     fn absent(&self) -> fn(u64) -> Span {
         if self.parent.is_some() { Span::parent } else { Span::zero }
+    }
+}
+
+impl Dynamic {
+    /// Checks the BAT against the disk and the file, and builds the allocation summary.
+    fn open(src: &Arc<dyn Source>, footer: &Footer, header: DynHeader, len: u64, data_end: u64) -> Result<Dynamic> {
+        let bs = header.block_size as u64;
+        let blocks = footer.current_size.div_ceil(bs);
+        if (header.max_table_entries as u64) < blocks {
+            return Err(Error::BatTooSmall {
+                entries: header.max_table_entries,
+                size: footer.current_size,
+                block_size: bs,
+                needed: blocks,
+            }
+            .into());
+        }
+        let to = header.table_offset;
+        if to.checked_add(blocks * 4).is_none_or(|e| e > len) {
+            return Err(Error::BatPastEnd { offset: to, len }.into());
+        }
+        let bitmap_bytes = (bs / SECTOR).div_ceil(8).next_multiple_of(SECTOR);
+        let bat = PagedTable::new(src.clone(), to, blocks, EntryType::U32(Endian::Big))
+            .with_page_bytes(BAT_PAGE_BYTES)
+            .with_cache_bytes(BAT_CACHE_BYTES);
+        // One streaming pass: every entry must point inside the file (bounded memory).
+        let mut allocated_blocks = 0;
+        let mut alloc = BitSet::new(blocks);
+        bat.for_each(|i, e| {
+            if e == UNUSED {
+                return Ok(());
+            }
+            let end = e * SECTOR + bitmap_bytes + bs;
+            if end > data_end {
+                return Err(Error::BlockPastEnd { index: i, sector: e, end, data_end }.into());
+            }
+            allocated_blocks += 1;
+            alloc.set(i);
+            Ok(())
+        })?;
+        let batmap = read_batmap(src.as_ref(), footer, &header, blocks, len);
+        let cache_bytes = BITMAP_CACHE_BYTES.max(MIN_BITMAPS * bitmap_bytes) as usize;
+        Ok(Dynamic {
+            header,
+            bat,
+            block_size: bs,
+            bitmap_bytes,
+            blocks,
+            alloc,
+            allocated_blocks,
+            batmap,
+            bitmaps: ByteCache::new(cache_bytes),
+        })
     }
 }
 
@@ -232,17 +289,25 @@ fn read_footer(src: &dyn Source, len: u64) -> Result<(Footer, FooterAt)> {
             log::info!("{}: footer at the end is invalid ({end_err}); using the copy at offset 0", src.location());
             Ok((f, FooterAt::Start))
         }
-        Ok(_) => Err(CrateError::corrupt(format!("footer at {:#x}: {end_err}", len - 512))),
+        Ok(_) => Err(Error::Footer { offset: len - 512, cause: Box::new(end_err) }.into()),
         Err(start_err) => {
             if matches!(end_err, Error::Poisoned) || matches!(start_err, Error::Poisoned) {
                 return Err(Error::Poisoned.into());
             }
-            Err(CrateError::corrupt(format!(
-                "footer at {:#x}: {end_err}; the copy at offset 0 is also invalid: {start_err}",
-                len - 512
-            )))
+            Err(Error::BothFooters { offset: len - 512, at_end: Box::new(end_err), at_start: Box::new(start_err) }
+                .into())
         }
     }
+}
+
+/// Reads and parses the dynamic header the footer points at.
+fn read_header(src: &dyn Source, footer: &Footer, len: u64) -> Result<DynHeader> {
+    let ho = footer.data_offset;
+    if ho.checked_add(header::HEADER_SIZE as u64).is_none_or(|e| e > len) {
+        return Err(Error::HeaderPastEnd { offset: ho, len }.into());
+    }
+    let bytes = src.read_vec(ho, header::HEADER_SIZE)?;
+    Ok(DynHeader::parse(&bytes).map_err(|e| Error::Header { offset: ho, inner: Box::new(e) })?)
 }
 
 /// blktap's batmap, if present and valid. Any inconsistency just means "not used".
@@ -278,12 +343,8 @@ fn parent_ref(src: &dyn Source, h: &DynHeader, len: u64) -> Result<ParentRef> {
                 continue;
             }
             if l.data_offset.checked_add(l.data_len as u64).is_none_or(|e| e > len) {
-                return Err(CrateError::corrupt(format!(
-                    "parent locator {} data at {:#x} (+{}) is past the end of the file",
-                    l.code_str(),
-                    l.data_offset,
-                    l.data_len
-                )));
+                let e = Error::LocatorPastEnd { code: l.code_str(), offset: l.data_offset, len: l.data_len };
+                return Err(e.into());
             }
             let data = src.read_vec(l.data_offset, l.data_len as usize)?;
             if let Some(path) = decode_locator(code, &data) {
@@ -325,8 +386,7 @@ impl Layer for VhdLayer {
         let entry = d.bat.get(block)?;
         if entry == UNUSED {
             // The file changed since it was validated.
-            return Err(CrateError::new(Kind::Stale, format!("BAT entry {block} changed since the image was opened"))
-                .in_file(self.location()));
+            return Err(CrateError::from(Error::BatEntryChanged(block)).in_file(self.location()));
         }
         let data = entry * SECTOR + d.bitmap_bytes;
         let full = d.batmap.as_ref().is_some_and(|m| m[(block / 8) as usize] & (0x80 >> (block % 8)) != 0);
@@ -412,5 +472,34 @@ impl Layer for VhdLayer {
             allocated_bytes: allocated,
             details,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn located_errors_read_as_before_and_take_the_kind_of_their_cause() {
+        let checksum = Error::Checksum { what: "dynamic header", stored: 1, computed: 2 };
+        let e = CrateError::from(Error::Header { offset: 0x200, inner: Box::new(checksum) }).in_file("d.vhd");
+        assert_eq!(
+            e.to_string(),
+            "d.vhd: dynamic header checksum mismatch (stored 0x00000001, computed 0x00000002) at 0x200"
+        );
+        assert_eq!(e.kind(), Kind::Corrupt);
+        let e = CrateError::from(Error::BothFooters {
+            offset: 0x1000,
+            at_end: Box::new(Error::Version { what: "footer", version: 0x0002_0000 }),
+            at_start: Box::new(Error::BadCookie { what: "footer", found: vec![0; 2] }),
+        });
+        assert_eq!(
+            e.to_string(),
+            "footer at 0x1000: footer has unsupported version 0x00020000; the copy at offset 0 is also invalid: footer has bad cookie [00, 00]"
+        );
+        assert_eq!(e.kind(), Kind::Unsupported, "the footer at the end decides");
+        assert!(e.downcast_ref::<Error>().is_some());
+        assert_eq!(CrateError::from(Error::BatEntryChanged(3)).kind(), Kind::Stale);
+        assert_eq!(CrateError::from(Error::Blktap01).kind(), Kind::Unsupported);
     }
 }

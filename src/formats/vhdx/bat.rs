@@ -1,8 +1,10 @@
 //! The BAT (MS-VHDX 2.4, 2.5): payload entries interleaved with sector bitmap entries by the chunk
 //! ratio, entry states, the open-time validation pass, and sector bitmap runs.
 
+use super::Error;
+use super::error::Structure;
 use super::header::HEADER_SECTION;
-use crate::error::{Error as CrateError, Result};
+use crate::error::Result;
 use crate::formats::table::PagedTable;
 
 pub const NOT_PRESENT: u8 = 0;
@@ -137,55 +139,50 @@ impl Stats {
 /// A file range no block may overlap, with its name for messages.
 pub type Reserved = (u64, u64, &'static str);
 
+/// Checks that `what`, `len` bytes at `off`, lies inside the file (`file_len`, after log replay)
+/// and clear of the header section and of every `reserved` range.
+fn check_place(what: Structure, off: u64, len: u64, file_len: u64, reserved: &[Reserved]) -> Result<(), Error> {
+    let end = off.saturating_add(len);
+    if off < HEADER_SECTION {
+        return Err(Error::InHeaderSection { what, start: off });
+    }
+    if end > file_len {
+        return Err(Error::PastEnd { what, start: off, end, file_len });
+    }
+    if let Some(&(s, e, other)) = reserved.iter().find(|(s, e, _)| off < *e && *s < end) {
+        return Err(Error::Overlap { what, start: off, end, other, other_start: s, other_end: e });
+    }
+    Ok(())
+}
+
 /// Checks every entry in one streaming pass: states valid for the disk type, allocated blocks
 /// inside the file (`file_len`, after log replay) and clear of the header section and `reserved`,
 /// and a present sector bitmap for every chunk holding a partially present block.
 pub fn validate(bat: &PagedTable, g: &Geometry, file_len: u64, reserved: &[Reserved]) -> Result<Stats> {
     let mut st = Stats::default();
     let mut chunk_partial: Option<u64> = None;
-    let place = |what: String, off: u64, len: u64| -> Result<()> {
-        let end = off.saturating_add(len);
-        if off < HEADER_SECTION {
-            return Err(CrateError::corrupt(format!("{what} at {off:#x} lies in the header section (below 1 MiB)")));
-        }
-        if end > file_len {
-            return Err(CrateError::corrupt(format!(
-                "{what} at {off:#x}..{end:#x} is past the end of the file ({file_len:#x})"
-            )));
-        }
-        if let Some((s, e, name)) = reserved.iter().find(|(s, e, _)| off < *e && *s < end) {
-            return Err(CrateError::corrupt(format!(
-                "{what} at {off:#x}..{end:#x} overlaps the {name} at {s:#x}..{e:#x}"
-            )));
-        }
-        Ok(())
-    };
+    let place = |what: Structure, off: u64, len: u64| check_place(what, off, len, file_len, reserved);
     bat.for_each(|i, e| {
         let s = state(e);
         match g.role(i) {
             Role::Payload(b) if b < g.data_blocks => {
-                let what = || format!("BAT entry {i} (block {b}, {})", state_name(s));
+                let what = Structure::Block { index: i, block: b, state: s };
                 match s {
                     NOT_PRESENT => st.not_present += 1,
                     UNDEFINED => st.undefined += 1,
                     ZERO => st.zero += 1,
                     UNMAPPED => st.unmapped += 1,
                     FULLY_PRESENT => {
-                        place(what(), file_offset(e), g.block_bytes(b))?;
+                        place(what, file_offset(e), g.block_bytes(b))?;
                         st.fully_present += 1;
                     }
                     PARTIALLY_PRESENT if g.has_parent => {
-                        place(what(), file_offset(e), g.block_bytes(b))?;
+                        place(what, file_offset(e), g.block_bytes(b))?;
                         chunk_partial.get_or_insert(b);
                         st.partially_present += 1;
                     }
-                    PARTIALLY_PRESENT => {
-                        return Err(CrateError::corrupt(format!(
-                            "{} is not allowed in a disk without parent",
-                            what()
-                        )));
-                    }
-                    _ => return Err(CrateError::corrupt(format!("BAT entry {i} (block {b}) has reserved state {s}"))),
+                    PARTIALLY_PRESENT => return Err(Error::PartialWithoutParent(what).into()),
+                    _ => return Err(Error::ReservedBlockState { index: i, block: b, state: s }.into()),
                 }
             }
             // Entries past the disk's last block (padding of the last chunk) are not used.
@@ -197,20 +194,14 @@ pub fn validate(bat: &PagedTable, g: &Geometry, file_len: u64, reserved: &[Reser
                 match s {
                     NOT_PRESENT => {
                         if let Some(b) = partial {
-                            return Err(CrateError::corrupt(format!(
-                                "block {b} is PARTIALLY_PRESENT but the sector bitmap of its chunk {c} (BAT entry {i}) is not present"
-                            )));
+                            return Err(Error::ChunkBitmapMissing { block: b, chunk: c, index: i }.into());
                         }
                     }
                     SB_PRESENT => {
-                        place(format!("BAT entry {i} (sector bitmap of chunk {c})"), file_offset(e), BITMAP_BLOCK)?;
+                        place(Structure::SectorBitmap { index: i, chunk: c }, file_offset(e), BITMAP_BLOCK)?;
                         st.bitmaps += 1;
                     }
-                    _ => {
-                        return Err(CrateError::corrupt(format!(
-                            "BAT entry {i} (sector bitmap of chunk {c}) has reserved state {s}"
-                        )));
-                    }
+                    _ => return Err(Error::ReservedBitmapState { index: i, chunk: c, state: s }.into()),
                 }
             }
         }
@@ -224,6 +215,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::formats::table::{Endian, EntryType};
     use crate::source::MemSource;
 
     #[test]
@@ -259,7 +251,8 @@ mod tests {
 
     fn table(entries: &[u64]) -> PagedTable {
         let bytes: Vec<u8> = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        PagedTable::new(Arc::new(MemSource::new("bat", bytes)), 0, entries.len() as u64, 8, false, 1)
+        let entry = EntryType::U64(Endian::Little);
+        PagedTable::new(Arc::new(MemSource::new("bat", bytes)), 0, entries.len() as u64, entry).with_cache_bytes(1)
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub fn parse_file_id(b: &[u8]) -> Result<String, Error> {
 
 /// One of the two headers (MS-VHDX 2.2.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
+pub struct VhdxHeader {
     pub sequence: u64,
     pub file_write_guid: Guid,
     pub data_write_guid: Guid,
@@ -83,10 +83,10 @@ pub struct Header {
     pub log_offset: u64,
 }
 
-impl Header {
+impl VhdxHeader {
     /// Validates signature and checksum (what makes a header "valid" in the spec); the version
     /// is checked by the caller on the current header only.
-    pub fn parse(b: &[u8]) -> Result<Header, Error> {
+    pub fn parse(b: &[u8]) -> Result<VhdxHeader, Error> {
         let b = &b[..HEADER_SIZE];
         if &b[0..4] != b"head" {
             return Err(Error::Signature { what: "header", found: b[0..4].to_vec() });
@@ -96,7 +96,7 @@ impl Header {
         if stored != computed {
             return Err(Error::Checksum { what: "header", stored, computed });
         }
-        Ok(Header {
+        Ok(VhdxHeader {
             sequence: LittleEndian::read_u64(&b[8..16]),
             file_write_guid: guid_at(b, 16),
             data_write_guid: guid_at(b, 32),
@@ -116,7 +116,7 @@ impl Header {
 
 /// Picks the current header: the only valid one, or the valid one with the higher sequence
 /// number. Returns its index (0 or 1).
-pub fn current(h: &[Result<Header, Error>; 2]) -> Option<usize> {
+pub fn current(h: &[Result<VhdxHeader, Error>; 2]) -> Option<usize> {
     match (&h[0], &h[1]) {
         (Ok(a), Ok(b)) => Some(if b.sequence > a.sequence { 1 } else { 0 }),
         (Ok(_), Err(_)) => Some(0),
@@ -205,19 +205,19 @@ mod tests {
     #[test]
     fn parses_a_header_and_refuses_a_torn_one() {
         let b = header_bytes(7);
-        let h = Header::parse(&b).unwrap();
+        let h = VhdxHeader::parse(&b).unwrap();
         assert_eq!(h.sequence, 7);
         assert_eq!(h.version, 1);
         assert!(!h.has_log());
         let mut torn = b.clone();
         torn[2000] ^= 1;
-        assert!(matches!(Header::parse(&torn), Err(Error::Checksum { what: "header", .. })));
+        assert!(matches!(VhdxHeader::parse(&torn), Err(Error::Checksum { what: "header", .. })));
     }
 
     #[test]
     fn current_header_is_the_valid_one_with_the_higher_sequence() {
-        let ok = |s| Header::parse(&header_bytes(s));
-        let bad = || Header::parse(&[0u8; HEADER_SIZE]);
+        let ok = |s| VhdxHeader::parse(&header_bytes(s));
+        let bad = || VhdxHeader::parse(&[0u8; HEADER_SIZE]);
         assert_eq!(current(&[ok(1), ok(2)]), Some(1));
         assert_eq!(current(&[ok(5), ok(2)]), Some(0));
         assert_eq!(current(&[bad(), ok(2)]), Some(1));

@@ -1,6 +1,8 @@
 //! The metadata region (MS-VHDX 2.6): the metadata table, the known system items, and the VHDX
 //! parent locator's key/value entries.
 
+use std::fmt;
+
 use byteorder::{ByteOrder, LittleEndian};
 
 use super::Error;
@@ -28,7 +30,7 @@ pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 
 /// A metadata table entry (MS-VHDX 2.6.1.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub struct MetadataEntry {
     pub id: Guid,
     /// Relative to the start of the metadata region.
     pub offset: u32,
@@ -37,7 +39,7 @@ pub struct Entry {
     pub is_required: bool,
 }
 
-impl Entry {
+impl MetadataEntry {
     /// True for a system item this module understands.
     pub fn known(&self) -> bool {
         !self.is_user
@@ -54,7 +56,7 @@ impl Entry {
 }
 
 /// Parses the 64 KiB metadata table; every item must lie inside a region of `region_len` bytes.
-pub fn parse_table(b: &[u8], region_len: u64) -> Result<Vec<Entry>, Error> {
+pub fn parse_table(b: &[u8], region_len: u64) -> Result<Vec<MetadataEntry>, Error> {
     let b = &b[..TABLE_SIZE];
     if &b[0..8] != b"metadata" {
         return Err(Error::Signature { what: "metadata table", found: b[0..8].to_vec() });
@@ -67,7 +69,7 @@ pub fn parse_table(b: &[u8], region_len: u64) -> Result<Vec<Entry>, Error> {
     for i in 0..count as usize {
         let e = &b[32 + 32 * i..64 + 32 * i];
         let flags = LittleEndian::read_u32(&e[24..28]);
-        let entry = Entry {
+        let entry = MetadataEntry {
             id: e[0..16].try_into().expect("16 bytes"),
             offset: LittleEndian::read_u32(&e[16..20]),
             length: LittleEndian::read_u32(&e[20..24]),
@@ -80,11 +82,8 @@ pub fn parse_table(b: &[u8], region_len: u64) -> Result<Vec<Entry>, Error> {
                 || entry.offset as u64 + entry.length as u64 > region_len)
         {
             return Err(Error::Item {
-                what: item_name(&entry.id),
-                msg: format!(
-                    "lies at {:#x}+{:#x}, outside the metadata region's item space ({:#x}..{:#x}, items at most 1 MiB)",
-                    entry.offset, entry.length, TABLE_SIZE, region_len
-                ),
+                item: ItemName(entry.id),
+                problem: ItemProblem::Outside { offset: entry.offset, length: entry.length, region_len },
             });
         }
         out.push(entry);
@@ -92,17 +91,41 @@ pub fn parse_table(b: &[u8], region_len: u64) -> Result<Vec<Entry>, Error> {
     Ok(out)
 }
 
-/// A readable name for a metadata item, for messages.
-pub fn item_name(id: &Guid) -> String {
-    match *id {
-        FILE_PARAMETERS => "File Parameters".into(),
-        VIRTUAL_DISK_SIZE => "Virtual Disk Size".into(),
-        VIRTUAL_DISK_ID => "Virtual Disk ID".into(),
-        LOGICAL_SECTOR_SIZE => "Logical Sector Size".into(),
-        PHYSICAL_SECTOR_SIZE => "Physical Sector Size".into(),
-        PARENT_LOCATOR => "Parent Locator".into(),
-        _ => format!("{{{}}}", fmt_guid_le(id)),
+/// A metadata item, shown by its readable name ("Virtual Disk Size"), or by its GUID when it is
+/// not one of the system items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ItemName(pub Guid);
+
+impl fmt::Display for ItemName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            FILE_PARAMETERS => f.write_str("File Parameters"),
+            VIRTUAL_DISK_SIZE => f.write_str("Virtual Disk Size"),
+            VIRTUAL_DISK_ID => f.write_str("Virtual Disk ID"),
+            LOGICAL_SECTOR_SIZE => f.write_str("Logical Sector Size"),
+            PHYSICAL_SECTOR_SIZE => f.write_str("Physical Sector Size"),
+            PARENT_LOCATOR => f.write_str("Parent Locator"),
+            id => write!(f, "{{{}}}", fmt_guid_le(&id)),
+        }
     }
+}
+
+/// What is wrong with one metadata item (the message follows the item's name).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ItemProblem {
+    #[error(
+        "lies at {offset:#x}+{length:#x}, outside the metadata region's item space ({:#x}..{region_len:#x}, items at most 1 MiB)",
+        TABLE_SIZE
+    )]
+    Outside { offset: u32, length: u32, region_len: u64 },
+    #[error("is {len} bytes long, needs {min}")]
+    TooShort { len: usize, min: usize },
+    #[error("{size} is not a multiple of the logical sector size {sector}")]
+    NotSectorMultiple { size: u64, sector: u32 },
+    #[error("has {count} entries but only {len} bytes")]
+    LocatorEntries { count: usize, len: usize },
+    #[error("{what} at {offset:#x}+{len} is outside the item or not UTF-16")]
+    LocatorText { what: &'static str, offset: usize, len: usize },
 }
 
 /// What the known items say.
@@ -124,20 +147,20 @@ pub struct Metadata {
 impl Metadata {
     /// Interprets the items: `items` pairs each table entry with its bytes (empty for items this
     /// module does not read).
-    pub fn from_items(items: &[(Entry, Vec<u8>)]) -> Result<Metadata, Error> {
+    pub fn from_items(items: &[(MetadataEntry, Vec<u8>)]) -> Result<Metadata, Error> {
         if let Some((e, _)) = items.iter().find(|(e, _)| e.is_required && !e.known()) {
-            return Err(Error::UnknownRequired { what: "metadata item", guid: fmt_guid_le(&e.id) });
+            return Err(Error::UnknownRequired { what: "metadata item", guid: e.id });
         }
         let get = |id: Guid, min: usize| -> Result<Option<&[u8]>, Error> {
             match items.iter().find(|(e, _)| !e.is_user && e.id == id) {
                 None => Ok(None),
                 Some((_, b)) if b.len() < min => {
-                    Err(Error::Item { what: item_name(&id), msg: format!("is {} bytes long, needs {min}", b.len()) })
+                    Err(Error::Item { item: ItemName(id), problem: ItemProblem::TooShort { len: b.len(), min } })
                 }
                 Some((_, b)) => Ok(Some(b)),
             }
         };
-        let need = |id: Guid, min: usize| get(id, min)?.ok_or(Error::MissingItem(item_name(&id)));
+        let need = |id: Guid, min: usize| get(id, min)?.ok_or(Error::MissingItem(ItemName(id)));
 
         let fp = need(FILE_PARAMETERS, 8)?;
         let block_size = LittleEndian::read_u32(&fp[0..4]);
@@ -162,15 +185,15 @@ impl Metadata {
         }
         if !virtual_size.is_multiple_of(logical_sector as u64) {
             return Err(Error::Item {
-                what: item_name(&VIRTUAL_DISK_SIZE),
-                msg: format!("{virtual_size} is not a multiple of the logical sector size {logical_sector}"),
+                item: ItemName(VIRTUAL_DISK_SIZE),
+                problem: ItemProblem::NotSectorMultiple { size: virtual_size, sector: logical_sector },
             });
         }
         let disk_id = get(VIRTUAL_DISK_ID, 16)?.map(|b| b[0..16].try_into().expect("16 bytes"));
         let has_parent = flags & 2 != 0;
         let locator = match get(PARENT_LOCATOR, 20)? {
             Some(b) => Some(parse_locator(b)?),
-            None if has_parent => return Err(Error::MissingItem(item_name(&PARENT_LOCATOR))),
+            None if has_parent => return Err(Error::MissingItem(ItemName(PARENT_LOCATOR))),
             None => None,
         };
         Ok(Metadata {
@@ -188,19 +211,19 @@ impl Metadata {
 
 /// The parent locator item (MS-VHDX 2.6.2.6): type GUID, then key/value pairs of UTF-16LE text.
 pub fn parse_locator(b: &[u8]) -> Result<Vec<(String, String)>, Error> {
-    let bad = |msg: String| Error::Item { what: item_name(&PARENT_LOCATOR), msg };
+    let bad = |problem: ItemProblem| Error::Item { item: ItemName(PARENT_LOCATOR), problem };
     let ty: Guid = b[0..16].try_into().expect("16 bytes");
     if ty != VHDX_LOCATOR_TYPE {
-        return Err(Error::LocatorType(fmt_guid_le(&ty)));
+        return Err(Error::LocatorType(ty));
     }
     let count = LittleEndian::read_u16(&b[18..20]) as usize;
     if 20 + 12 * count > b.len() {
-        return Err(bad(format!("has {count} entries but only {} bytes", b.len())));
+        return Err(bad(ItemProblem::LocatorEntries { count, len: b.len() }));
     }
-    let text = |off: u32, len: u16, what: &str| -> Result<String, Error> {
+    let text = |off: u32, len: u16, what: &'static str| -> Result<String, Error> {
         let (off, len) = (off as usize, len as usize);
         if len == 0 || !len.is_multiple_of(2) || off.checked_add(len).is_none_or(|e| e > b.len()) {
-            return Err(bad(format!("{what} at {off:#x}+{len} is outside the item or not UTF-16")));
+            return Err(bad(ItemProblem::LocatorText { what, offset: off, len }));
         }
         let u: Vec<u16> = b[off..off + len].chunks_exact(2).map(LittleEndian::read_u16).collect();
         Ok(String::from_utf16_lossy(&u).trim_end_matches('\0').to_string())
@@ -223,11 +246,11 @@ mod tests {
         s.encode_utf16().flat_map(|c| c.to_le_bytes()).collect()
     }
 
-    fn entry(id: Guid, len: usize) -> Entry {
-        Entry { id, offset: 0x10000, length: len as u32, is_user: false, is_required: true }
+    fn entry(id: Guid, len: usize) -> MetadataEntry {
+        MetadataEntry { id, offset: 0x10000, length: len as u32, is_user: false, is_required: true }
     }
 
-    fn items(bs: u32, lss: u32, size: u64, flags: u32) -> Vec<(Entry, Vec<u8>)> {
+    fn items(bs: u32, lss: u32, size: u64, flags: u32) -> Vec<(MetadataEntry, Vec<u8>)> {
         let mut fp = bs.to_le_bytes().to_vec(); // block size
         fp.extend_from_slice(&flags.to_le_bytes()); // leave allocated (bit 0), has parent (bit 1)
         vec![

@@ -12,97 +12,53 @@
 //! disk and zeros otherwise, ZERO and UNMAPPED read zeros that mask the parent, FULLY_PRESENT
 //! reads the block, PARTIALLY_PRESENT reads sector by sector through the sector bitmap (bit 0 of
 //! byte 0 first, 2.4). A non-empty log (2.3) is replayed **in memory**: the active sequence's
-//! data and zero descriptors form an overlay that every read of region table, metadata, BAT and
-//! payload goes through; the source is never written.
+//! data and zero descriptors become [`replayed::ReplayedWrites`], layered over the file by
+//! [`replayed::ReplayedFile`], through which every read of region table, metadata, BAT and
+//! payload goes; the source is never written.
 //!
 //! The parent must carry `parent_linkage` (or `parent_linkage2`) as its DataWriteGuid.
 //!
-//! Refused, with one line naming the file and the structure: no `vhdxfile` signature; both headers
-//! invalid; a header version other than 1 or a log version other than 0; both region table
-//! copies invalid; a missing BAT or metadata region or an unknown required region or metadata
-//! item; a block size that is not a power of two in 1–256 MiB; a logical or physical sector size
-//! other than 512 or 4096; a virtual size over 64 TiB; a BAT smaller than the disk needs; a BAT
-//! entry with a reserved state, a PARTIALLY_PRESENT entry in a disk without parent or without its
-//! sector bitmap, or a block past the end of the file or overlapping the header section, the
-//! metadata region, the BAT or the log; a log without a valid sequence, a log whose newest
-//! sequence holds an entry with a bad checksum, a log saying the file was truncated, a dirty log
-//! over 64 MiB; a differencing disk without a valid `parent_linkage`.
+//! Refused, with one line naming the file and the structure (see [`Error`]): no `vhdxfile`
+//! signature; both headers invalid; a header version other than 1 or a log version other than 0;
+//! both region table copies invalid; a missing BAT or metadata region or an unknown required
+//! region or metadata item; a block size that is not a power of two in 1–256 MiB; a logical or
+//! physical sector size other than 512 or 4096; a virtual size over 64 TiB; a BAT smaller than
+//! the disk needs; a BAT entry with a reserved state, a PARTIALLY_PRESENT entry in a disk without
+//! parent or without its sector bitmap, or a block past the end of the file or overlapping the
+//! header section, the metadata region, the BAT or the log; a log without a valid sequence, a log
+//! whose newest sequence holds an entry with a bad checksum, a log saying the file was truncated,
+//! a dirty log over 64 MiB; a differencing disk without a valid `parent_linkage`.
 
 mod bat;
+mod error;
 mod header;
-mod log;
+mod log_entries;
 mod metadata;
-mod view;
+mod replayed;
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 
-use lru::LruCache;
-use parking_lot::Mutex;
-
 use self::bat::{Geometry, Stats};
-use self::header::{Guid, HEADER_SECTION, Header, Region, guid};
-use self::metadata::Metadata;
+use self::header::{Guid, HEADER_SECTION, Region, VhdxHeader, guid};
+use self::metadata::{Metadata, MetadataEntry};
 use super::bitset::{BitOrder, bitmap_run};
-use super::table::PagedTable;
-use crate::error::{Error as CrateError, Kind, Result};
+use super::table::{Endian, EntryType, PagedTable};
+use crate::cache::ByteCache;
+use crate::error::{Error as CrateError, Result};
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span, fmt_guid_le};
 use crate::source::{Location, Source};
 
+pub use self::error::{Error, Structure};
 pub use self::header::parse_guid;
-
-/// What can be wrong with a VHDX's structures.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{what} has bad signature {found:02x?}")]
-    Signature { what: &'static str, found: Vec<u8> },
-    #[error("{what} checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
-    Checksum { what: &'static str, stored: u32, computed: u32 },
-    #[error("{what}: {count} is more than the {max} allowed")]
-    TooMany { what: &'static str, count: u64, max: u64 },
-    #[error("unsupported {what} version {found} (vdiskfs reads version {supported})")]
-    Version { what: &'static str, found: u16, supported: u16 },
-    #[error("unknown required {what} {{{guid}}}")]
-    UnknownRequired { what: &'static str, guid: String },
-    #[error("metadata item {0} is missing")]
-    MissingItem(String),
-    #[error("metadata item {what} {msg}")]
-    Item { what: String, msg: String },
-    #[error("impossible block size {0} (must be a power of two from 1 MiB to 256 MiB)")]
-    BlockSize(u32),
-    #[error("unsupported logical sector size {0} (must be 512 or 4096)")]
-    LogicalSectorSize(u32),
-    #[error("unsupported physical sector size {0} (must be 512 or 4096)")]
-    PhysicalSectorSize(u32),
-    #[error("virtual disk size {0} exceeds the VHDX maximum of 64 TiB")]
-    VirtualSize(u64),
-    #[error("unsupported parent locator type {{{0}}} (only the VHDX locator b04aefb7-d19e-4a81-b789-25b8e9445913)")]
-    LocatorType(String),
-    #[error("log entry at log offset {at:#x} (sequence {sequence}): {reason}; {consequence}")]
-    LogEntry { at: u64, sequence: u64, reason: String, consequence: String },
-    #[error("the header announces a log but it holds no valid sequence: {0}")]
-    NoLogSequence(String),
-    #[error("log says the file was at least {flushed:#x} bytes but it is {len:#x}: truncated")]
-    LogTruncated { flushed: u64, len: u64 },
-}
-
-impl From<Error> for CrateError {
-    fn from(e: Error) -> Self {
-        let kind = match e {
-            Error::Version { .. } | Error::UnknownRequired { .. } | Error::LocatorType(_) => Kind::Unsupported,
-            Error::LogicalSectorSize(_) | Error::PhysicalSectorSize(_) => Kind::Unsupported,
-            _ => Kind::Corrupt,
-        };
-        CrateError::new(kind, e.to_string())
-    }
-}
 
 pub const BAT_REGION: Guid = guid(0x2DC27766, 0xF623, 0x4200, [0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]);
 pub const METADATA_REGION: Guid = guid(0x8B7CA206, 0x4790, 0x4B9A, [0xB8, 0xFE, 0x57, 0x5F, 0x05, 0x0F, 0x88, 0x6E]);
-/// BAT pages cached per layer (64 KiB each: 8192 entries, 8 GiB of a 1 MiB-block disk).
-const BAT_PAGES: usize = 16;
-/// Bytes of sector bitmaps cached per layer.
+/// Bytes of BAT pages cached per layer (16 pages of 64 KiB: 8192 entries, 8 GiB of a 1 MiB-block
+/// disk, each).
+const BAT_CACHE_BYTES: usize = 16 * super::table::PAGE_BYTES;
+/// Bytes of sector bitmaps cached per layer; at least 16 bitmaps are kept, whatever their size.
 const BITMAP_CACHE_BYTES: usize = 2 << 20;
+const MIN_BITMAPS: usize = 16;
 
 /// Opens one VHDX layer.
 pub fn open(src: Arc<dyn Source>) -> Result<Arc<dyn Layer>> {
@@ -110,15 +66,16 @@ pub fn open(src: Arc<dyn Source>) -> Result<Arc<dyn Layer>> {
 }
 
 /// Facts kept for `info`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Facts {
     creator: String,
     header_index: usize,
-    header: Header,
-    other_header: std::result::Result<u64, String>,
-    region_copy: usize,
-    region_note: Option<String>,
-    log: Option<log::Summary>,
+    header: VhdxHeader,
+    /// The other header's sequence number, or why it is invalid.
+    other_header: std::result::Result<u64, Error>,
+    /// Why the first region table copy was not used (the second was), if it was not.
+    region_fallback: Option<Error>,
+    log: Option<log_entries::Summary>,
     stats: Stats,
 }
 
@@ -133,7 +90,7 @@ pub struct VhdxLayer {
     geo: Geometry,
     bat: PagedTable,
     parent: Option<ParentRef>,
-    bitmaps: Mutex<LruCache<u64, Arc<[u8]>>>,
+    bitmaps: ByteCache<u64, Arc<[u8]>>,
     facts: Facts,
 }
 
@@ -146,6 +103,22 @@ enum Class {
     Partial(u64),
 }
 
+/// The current header, which of the two it is, and the other one's sequence number or defect.
+struct Headers {
+    index: usize,
+    current: VhdxHeader,
+    other: std::result::Result<u64, Error>,
+}
+
+/// The BAT and metadata regions, and the file ranges no block may overlap.
+struct Regions {
+    bat: Region,
+    meta: Region,
+    reserved: Vec<bat::Reserved>,
+    /// Why the first region table copy was not used, if it was not.
+    fallback: Option<Error>,
+}
+
 impl VhdxLayer {
     pub fn open(src: Arc<dyn Source>) -> Result<VhdxLayer> {
         let loc = src.location().clone();
@@ -155,93 +128,36 @@ impl VhdxLayer {
     fn open_inner(src: Arc<dyn Source>) -> Result<VhdxLayer> {
         let len = src.len()?;
         if len < HEADER_SECTION {
-            return Err(CrateError::corrupt(format!(
-                "too small to be a VHDX ({len} bytes; the header section alone is 1 MiB)"
-            )));
+            return Err(Error::TooSmall { len }.into());
         }
         let creator = header::parse_file_id(&src.read_vec(0, 520)?)?;
-        let mut hs = Vec::new();
-        for at in header::HEADER_OFFSETS {
-            hs.push(Header::parse(&src.read_vec(at, header::HEADER_SIZE)?));
-        }
-        let hs: [std::result::Result<Header, Error>; 2] = [hs.remove(0), hs.remove(0)];
-        let Some(cur) = header::current(&hs) else {
-            let why = |i: usize| hs[i].as_ref().err().map(|e| e.to_string()).unwrap_or_default();
-            return Err(CrateError::corrupt(format!(
-                "both headers are invalid: header 1 at {:#x}: {}; header 2 at {:#x}: {}",
-                header::HEADER_OFFSETS[0],
-                why(0),
-                header::HEADER_OFFSETS[1],
-                why(1)
-            )));
-        };
-        let h = hs[cur].as_ref().map_err(|_| CrateError::corrupt("internal: current header"))?.clone();
-        let other_header = match &hs[1 - cur] {
-            Ok(o) => Ok(o.sequence),
-            Err(e) => {
-                ::log::info!("{}: header {} is invalid ({e}); using header {}", src.location(), 2 - cur, cur + 1);
-                Err(e.to_string())
-            }
-        };
+        let Headers { index, current: h, other } = read_headers(src.as_ref())?;
         if h.version != 1 {
             return Err(Error::Version { what: "header", found: h.version, supported: 1 }.into());
         }
-        let log_region = (h.log_length > 0).then_some((h.log_offset, h.log_offset.saturating_add(h.log_length as u64)));
         let (view, log_summary) = if h.has_log() { replay_log(&src, &h, len)? } else { (src.clone(), None) };
         let view_len = view.len()?;
+        let log_region = (h.log_length > 0).then_some((h.log_offset, h.log_offset.saturating_add(h.log_length as u64)));
+        let regions = read_regions(view.as_ref(), view_len, log_region)?;
 
-        let (regions, region_copy, region_note) = read_regions(view.as_ref())?;
-        if let Some(r) = regions.iter().find(|r| r.required && r.guid != BAT_REGION && r.guid != METADATA_REGION) {
-            return Err(Error::UnknownRequired { what: "region", guid: fmt_guid_le(&r.guid) }.into());
-        }
-        let find = |g: Guid, name: &'static str| -> Result<Region> {
-            let r = regions
-                .iter()
-                .find(|r| r.guid == g)
-                .cloned()
-                .ok_or_else(|| CrateError::corrupt(format!("region table has no {name}")))?;
-            let end = r.offset.saturating_add(r.length as u64);
-            if r.offset < HEADER_SECTION || end > view_len {
-                return Err(CrateError::corrupt(format!(
-                    "{name} at {:#x}..{end:#x} is outside the file's data area ({HEADER_SECTION:#x}..{view_len:#x})",
-                    r.offset
-                )));
-            }
-            Ok(r)
-        };
-        let bat_r = find(BAT_REGION, "BAT region")?;
-        let meta_r = find(METADATA_REGION, "metadata region")?;
-        let span = |r: &Region| (r.offset, r.offset + r.length as u64);
-        let mut reserved: Vec<bat::Reserved> =
-            vec![(span(&meta_r).0, span(&meta_r).1, "metadata region"), (span(&bat_r).0, span(&bat_r).1, "BAT region")];
-        if let Some((s, e)) = log_region {
-            reserved.push((s, e, "log"));
-        }
-        for (i, (s0, e0, a)) in reserved.iter().enumerate() {
-            if let Some((s1, e1, b)) = reserved[i + 1..].iter().find(|(s1, e1, _)| s1 < e0 && s0 < e1) {
-                return Err(CrateError::corrupt(format!(
-                    "{a} at {s0:#x}..{e0:#x} overlaps the {b} at {s1:#x}..{e1:#x}"
-                )));
-            }
-        }
-
-        let meta = read_metadata(view.as_ref(), &meta_r)?;
+        let meta = read_metadata(view.as_ref(), &regions.meta)?;
         let geo = Geometry::new(meta.block_size as u64, meta.logical_sector as u64, meta.virtual_size, meta.has_parent);
+        let bat_r = &regions.bat;
         if geo.entries() * 8 > bat_r.length as u64 {
-            return Err(CrateError::corrupt(format!(
-                "BAT region at {:#x} holds {} entries but a disk of {} bytes with {}-byte blocks needs {}",
-                bat_r.offset,
-                bat_r.length / 8,
-                meta.virtual_size,
-                meta.block_size,
-                geo.entries()
-            )));
+            return Err(Error::BatTooSmall {
+                offset: bat_r.offset,
+                entries: bat_r.length / 8,
+                size: meta.virtual_size,
+                block_size: meta.block_size,
+                needed: geo.entries(),
+            }
+            .into());
         }
-        let table = PagedTable::new(view.clone(), bat_r.offset, geo.entries(), 8, false, BAT_PAGES);
-        let stats = bat::validate(&table, &geo, view_len, &reserved)?;
+        let table = PagedTable::new(view.clone(), bat_r.offset, geo.entries(), EntryType::U64(Endian::Little))
+            .with_cache_bytes(BAT_CACHE_BYTES);
+        let stats = bat::validate(&table, &geo, view_len, &regions.reserved)?;
         let parent = if meta.has_parent { Some(parent_ref(&meta)?) } else { None };
         let per_block = (geo.sectors_per_block() / 8).max(1) as usize;
-        let cap = NonZeroUsize::new((BITMAP_CACHE_BYTES / per_block).max(16)).expect("non-zero");
         Ok(VhdxLayer {
             file: src,
             view,
@@ -249,14 +165,13 @@ impl VhdxLayer {
             geo,
             bat: table,
             parent,
-            bitmaps: Mutex::new(LruCache::new(cap)),
+            bitmaps: ByteCache::new(BITMAP_CACHE_BYTES.max(MIN_BITMAPS * per_block)),
             facts: Facts {
                 creator,
-                header_index: cur,
+                header_index: index,
                 header: h,
-                other_header,
-                region_copy,
-                region_note,
+                other_header: other,
+                region_fallback: regions.fallback,
                 log: log_summary,
                 stats,
             },
@@ -276,33 +191,24 @@ impl VhdxLayer {
             bat::ZERO | bat::UNMAPPED => Class::Zero,
             bat::FULLY_PRESENT => Class::Full(off),
             bat::PARTIALLY_PRESENT if self.meta.has_parent => Class::Partial(off),
-            s => {
-                return Err(CrateError::corrupt(format!(
-                    "BAT entry for block {block} has state {s} ({}), not valid here",
-                    bat::state_name(s)
-                ))
-                .in_file(self.location()));
+            state => {
+                return Err(CrateError::from(Error::StateNotValidHere { block, state }).in_file(self.location()));
             }
         })
     }
 
     /// The part of the chunk's sector bitmap that covers `block`.
     fn bitmap(&self, block: u64) -> Result<Arc<[u8]>> {
-        if let Some(b) = self.bitmaps.lock().get(&block).cloned() {
-            return Ok(b);
-        }
-        let chunk = block / self.geo.chunk_ratio;
-        let e = self.bat.get(self.geo.bitmap_index(chunk))?;
-        if bat::state(e) != bat::SB_PRESENT {
-            return Err(CrateError::corrupt(format!(
-                "block {block} is PARTIALLY_PRESENT but the sector bitmap of chunk {chunk} is not present"
-            ))
-            .in_file(self.location()));
-        }
-        let (at, n) = self.geo.bitmap_slice(block);
-        let b: Arc<[u8]> = self.view.read_vec(bat::file_offset(e) + at, n)?.into();
-        self.bitmaps.lock().put(block, b.clone());
-        Ok(b)
+        self.bitmaps.get_or_load(block, || {
+            let chunk = block / self.geo.chunk_ratio;
+            let e = self.bat.get(self.geo.bitmap_index(chunk))?;
+            if bat::state(e) != bat::SB_PRESENT {
+                let e = Error::SectorBitmapNotPresent { block, chunk };
+                return Err(CrateError::from(e).in_file(self.location()));
+            }
+            let (at, n) = self.geo.bitmap_slice(block);
+            Ok(self.view.read_vec(bat::file_offset(e) + at, n)?.into())
+        })
     }
 
     fn subformat(&self) -> &'static str {
@@ -316,98 +222,145 @@ impl VhdxLayer {
     }
 }
 
+/// Reads both headers and picks the current one (MS-VHDX 2.2.2).
+fn read_headers(src: &dyn Source) -> Result<Headers> {
+    let [a, b] = header::HEADER_OFFSETS;
+    let hs = [
+        VhdxHeader::parse(&src.read_vec(a, header::HEADER_SIZE)?),
+        VhdxHeader::parse(&src.read_vec(b, header::HEADER_SIZE)?),
+    ];
+    let current = header::current(&hs);
+    let [first, second] = hs;
+    let (index, current, other) = match (current, first, second) {
+        (Some(0), Ok(h), other) => (0, h, other),
+        (Some(1), other, Ok(h)) => (1, h, other),
+        (None, Err(first), Err(second)) => {
+            return Err(Error::BothHeaders { first: Box::new(first), second: Box::new(second) }.into());
+        }
+        _ => return Err(CrateError::internal("the current VHDX header is not a valid one")),
+    };
+    let other = match other {
+        Ok(o) => Ok(o.sequence),
+        Err(e) => {
+            log::info!("{}: header {} is invalid ({e}); using header {}", src.location(), 2 - index, index + 1);
+            Err(e)
+        }
+    };
+    Ok(Headers { index, current, other })
+}
+
 /// Replays a non-empty log into an in-memory view of the file.
-fn replay_log(src: &Arc<dyn Source>, h: &Header, len: u64) -> Result<(Arc<dyn Source>, Option<log::Summary>)> {
+fn replay_log(
+    src: &Arc<dyn Source>,
+    h: &VhdxHeader,
+    len: u64,
+) -> Result<(Arc<dyn Source>, Option<log_entries::Summary>)> {
     let (off, n) = (h.log_offset, h.log_length as u64);
     if h.log_version != 0 {
         return Err(Error::Version { what: "log", found: h.log_version, supported: 0 }.into());
     }
     if off < HEADER_SECTION || !off.is_multiple_of(1 << 20) || !n.is_multiple_of(1 << 20) {
-        return Err(CrateError::corrupt(format!(
-            "log at {off:#x} (+{n:#x}) is not a 1 MiB-aligned area after the header section"
-        )));
+        return Err(Error::LogPlacement { offset: off, len: n }.into());
     }
-    if n > log::MAX_LOG as u64 {
-        return Err(CrateError::unsupported(format!(
-            "the log to replay is {} MiB; vdiskfs replays logs of at most {} MiB",
-            n >> 20,
-            log::MAX_LOG >> 20
-        )));
+    if n > log_entries::MAX_LOG as u64 {
+        return Err(Error::LogTooLarge { len: n }.into());
     }
     if off + n > len {
-        return Err(CrateError::corrupt(format!(
-            "log at {off:#x}..{:#x} is past the end of the file ({len:#x})",
-            off + n
-        )));
+        return Err(Error::LogPastEnd { offset: off, end: off + n, len }.into());
     }
     let bytes = src.read_vec(off, n as usize)?;
-    let (overlay, new_len, summary) =
-        log::replay(&bytes, &h.log_guid, len).map_err(|e| prefixed(e, &format!("log at {off:#x}: ")))?;
-    ::log::info!(
+    let (writes, new_len, summary) =
+        log_entries::replay(&bytes, &h.log_guid, len).map_err(|e| Error::Log { offset: off, cause: Box::new(e) })?;
+    log::info!(
         "{}: replayed {} log entries (sequence {}..{}) in memory",
         src.location(),
         summary.entries,
         summary.first_sequence,
         summary.last_sequence
     );
-    Ok((Arc::new(view::Replayed::new(src.clone(), overlay, len, new_len)), Some(summary)))
+    Ok((Arc::new(replayed::ReplayedFile::new(src.clone(), writes, len, new_len)), Some(summary)))
 }
 
-/// Reads the region table, falling back to the second copy. Returns the entries, which copy
-/// was used (1 or 2) and why the first was not.
-fn read_regions(view: &dyn Source) -> Result<(Vec<Region>, usize, Option<String>)> {
+/// Reads the region table and finds the BAT and metadata regions in it; checks that they lie
+/// in the file's data area and that they and the log (`log_region`) do not overlap.
+fn read_regions(view: &dyn Source, view_len: u64, log_region: Option<(u64, u64)>) -> Result<Regions> {
+    let (regions, fallback) = read_region_table(view)?;
+    if let Some(r) = regions.iter().find(|r| r.required && r.guid != BAT_REGION && r.guid != METADATA_REGION) {
+        return Err(Error::UnknownRequired { what: "region", guid: r.guid }.into());
+    }
+    let find = |g: Guid, name: &'static str| -> Result<Region, Error> {
+        let r = regions.iter().find(|r| r.guid == g).cloned().ok_or(Error::MissingRegion(name))?;
+        let end = r.offset.saturating_add(r.length as u64);
+        if r.offset < HEADER_SECTION || end > view_len {
+            return Err(Error::RegionOutside { name, start: r.offset, end, file_len: view_len });
+        }
+        Ok(r)
+    };
+    let bat = find(BAT_REGION, "BAT region")?;
+    let meta = find(METADATA_REGION, "metadata region")?;
+    let span = |r: &Region| (r.offset, r.offset + r.length as u64);
+    let mut reserved: Vec<bat::Reserved> =
+        vec![(span(&meta).0, span(&meta).1, "metadata region"), (span(&bat).0, span(&bat).1, "BAT region")];
+    if let Some((s, e)) = log_region {
+        reserved.push((s, e, "log"));
+    }
+    for (i, &(start, end, a)) in reserved.iter().enumerate() {
+        if let Some(&(other_start, other_end, other)) =
+            reserved[i + 1..].iter().find(|(s1, e1, _)| *s1 < end && start < *e1)
+        {
+            let what = Structure::Region(a);
+            return Err(Error::Overlap { what, start, end, other, other_start, other_end }.into());
+        }
+    }
+    Ok(Regions { bat, meta, reserved, fallback })
+}
+
+/// Reads the region table, falling back to the second copy. Returns the entries and, when the
+/// second copy was used, why the first was not.
+fn read_region_table(view: &dyn Source) -> Result<(Vec<Region>, Option<Error>)> {
     let [a, b] = header::REGION_OFFSETS;
-    let first = header::parse_regions(&view.read_vec(a, header::REGION_SIZE)?);
-    let first_err = match first {
-        Ok(r) => return Ok((r, 1, None)),
+    let first_err = match header::parse_regions(&view.read_vec(a, header::REGION_SIZE)?) {
+        Ok(r) => return Ok((r, None)),
         Err(e) => e,
     };
     match header::parse_regions(&view.read_vec(b, header::REGION_SIZE)?) {
         Ok(r) => {
-            ::log::warn!(
+            log::warn!(
                 "{}: region table at {a:#x} is invalid ({first_err}); using the copy at {b:#x}",
                 view.location()
             );
-            Ok((r, 2, Some(format!("copy at {a:#x} invalid: {first_err}"))))
+            Ok((r, Some(first_err)))
         }
-        Err(e) => Err(CrateError::corrupt(format!("{first_err} at {a:#x}; the copy at {b:#x} is also invalid: {e}"))),
+        Err(e) => Err(Error::BothRegionTables { first: Box::new(first_err), second: Box::new(e) }.into()),
     }
 }
 
 /// Reads the metadata table and the items it knows.
 fn read_metadata(view: &dyn Source, r: &Region) -> Result<Metadata> {
     if (r.length as usize) < metadata::TABLE_SIZE {
-        return Err(CrateError::corrupt(format!("metadata region at {:#x} is only {} bytes", r.offset, r.length)));
+        return Err(Error::MetadataTooSmall { offset: r.offset, len: r.length }.into());
     }
-    let ctx = |e: Error| prefixed(e, &format!("metadata region at {:#x}: ", r.offset));
-    let table = metadata::parse_table(&view.read_vec(r.offset, metadata::TABLE_SIZE)?, r.length as u64).map_err(ctx)?;
+    let located = |e: Error| Error::Metadata { offset: r.offset, cause: Box::new(e) };
+    let table =
+        metadata::parse_table(&view.read_vec(r.offset, metadata::TABLE_SIZE)?, r.length as u64).map_err(located)?;
     // Each known item is read once, and only as many bytes as it can use, so a crafted table
     // cannot make the open read more than about 1 MiB.
-    let mut items: Vec<(metadata::Entry, Vec<u8>)> = Vec::with_capacity(table.len());
+    let mut items: Vec<(MetadataEntry, Vec<u8>)> = Vec::with_capacity(table.len());
     for e in table {
         let first = e.known() && !items.iter().any(|(o, b)| o.id == e.id && !o.is_user && !b.is_empty());
         let want = if e.id == metadata::PARENT_LOCATOR { e.length } else { e.length.min(16) };
         let bytes = if first { view.read_vec(r.offset + e.offset as u64, want as usize)? } else { Vec::new() };
         items.push((e, bytes));
     }
-    Metadata::from_items(&items).map_err(ctx)
+    Ok(Metadata::from_items(&items).map_err(located)?)
 }
 
-/// `e` as a crate error whose message starts with `prefix` (where in the file it was found).
-fn prefixed(e: Error, prefix: &str) -> CrateError {
-    let c = CrateError::from(e);
-    CrateError::new(c.kind(), format!("{prefix}{}", c.message()))
-}
-
-fn parent_ref(m: &Metadata) -> Result<ParentRef> {
+fn parent_ref(m: &Metadata) -> Result<ParentRef, Error> {
     let kv = m.locator.as_deref().unwrap_or_default();
     let get = |k: &str| kv.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
     let linkage = get("parent_linkage");
     let Some(first) = linkage.and_then(parse_guid) else {
-        return Err(CrateError::corrupt(format!(
-            "parent locator has no valid parent_linkage ({})",
-            linkage.map_or("missing".to_string(), |v| format!("'{v}'"))
-        )));
+        return Err(Error::NoParentLinkage { found: linkage.map(str::to_string) });
     };
     let mut expect = vec![Identity::VhdxDataWrite(first)];
     if let Some(second) = get("parent_linkage2").and_then(parse_guid) {
@@ -500,9 +453,9 @@ impl Layer for VhdxLayer {
             ("header".to_string(), format!("{} of 2, sequence {}; {other}", f.header_index + 1, h.sequence)),
             (
                 "region_table".to_string(),
-                match &f.region_note {
-                    None => format!("copy {}", f.region_copy),
-                    Some(n) => format!("copy {} ({n})", f.region_copy),
+                match &f.region_fallback {
+                    None => "copy 1".to_string(),
+                    Some(e) => format!("copy 2 (copy at {:#x} invalid: {e})", header::REGION_OFFSETS[0]),
                 },
             ),
             (

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use super::Error;
 use super::sesparse::{self, Gte};
 use crate::error::Result;
-use crate::formats::table::PagedTable;
+use crate::formats::table::{Endian, EntryType, PAGE_BYTES, PagedTable};
 use crate::source::Source;
 
 /// Grain directory pages kept per extent (64 KiB each).
@@ -119,7 +119,12 @@ impl GrainMap {
             }
             .into());
         }
-        let gd = PagedTable::new(src.clone(), gd_offset, gd_entries, Self::gd_entry_size(&flavor), false, GD_PAGES);
+        let entry = if Self::gd_entry_size(&flavor) == 8 {
+            EntryType::U64(Endian::Little)
+        } else {
+            EntryType::U32(Endian::Little)
+        };
+        let gd = PagedTable::new(src.clone(), gd_offset, gd_entries, entry).with_cache_bytes(GD_PAGES * PAGE_BYTES);
         Ok(GrainMap { src, file_len, flavor, grain, per_table, extent_bytes, gd, gd_offset, id, tables })
     }
 

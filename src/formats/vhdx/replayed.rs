@@ -1,14 +1,14 @@
-//! The file as a replayed log makes it: the log's writes, kept in memory and keyed by file
-//! offset, layered over the file, which is never written.
+//! The file as a replayed log makes it: the log's writes ([`ReplayedWrites`]), kept in memory
+//! and keyed by file offset, layered over the file ([`ReplayedFile`]), which is never written.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::log::Write;
+use super::log_entries::LogWrite;
 use crate::error::Result;
 use crate::source::{FileId, Location, Source};
 
-/// A piece of the overlay: zeros, or one 4 KiB sector.
+/// One replayed write: zeros, or one 4 KiB sector.
 #[derive(Debug)]
 enum Piece {
     Zero(u64),
@@ -27,11 +27,11 @@ impl Piece {
 /// Writes replayed from the log, keyed by file offset. All offsets and lengths are multiples of
 /// 4 KiB, so a data sector is either wholly replaced or untouched by a later write.
 #[derive(Debug, Default)]
-pub struct Overlay {
+pub struct ReplayedWrites {
     map: BTreeMap<u64, Piece>,
 }
 
-impl Overlay {
+impl ReplayedWrites {
     fn put(&mut self, start: u64, piece: Piece) {
         let end = start + piece.len();
         if piece.len() == 0 {
@@ -59,11 +59,11 @@ impl Overlay {
         self.map.insert(start, piece);
     }
 
-    pub fn apply(&mut self, w: Write) {
+    pub fn apply(&mut self, w: LogWrite) {
         match w {
-            Write::Data { file_offset, sector: Some(d) } => self.put(file_offset, Piece::Data(d)),
-            Write::Data { sector: None, .. } => {}
-            Write::Zero { file_offset, length } => self.put(file_offset, Piece::Zero(length)),
+            LogWrite::Data { file_offset, sector: Some(d) } => self.put(file_offset, Piece::Data(d)),
+            LogWrite::Data { sector: None, .. } => {}
+            LogWrite::Zero { file_offset, length } => self.put(file_offset, Piece::Zero(length)),
         }
     }
 
@@ -73,20 +73,20 @@ impl Overlay {
     }
 }
 
-/// The file as the replayed log makes it: overlay pieces first, then the file, then zeros up to
+/// The file as the replayed log makes it: replayed writes first, then the file, then zeros up to
 /// the extended length. Reads of the file below its length at open time must succeed in full,
 /// so a file truncated later gives an error, never zeros.
 #[derive(Debug)]
-pub struct Replayed {
+pub struct ReplayedFile {
     inner: Arc<dyn Source>,
-    overlay: Overlay,
+    writes: ReplayedWrites,
     inner_len: u64,
     len: u64,
 }
 
-impl Replayed {
-    pub fn new(inner: Arc<dyn Source>, overlay: Overlay, inner_len: u64, len: u64) -> Self {
-        Replayed { inner, overlay, inner_len, len }
+impl ReplayedFile {
+    pub fn new(inner: Arc<dyn Source>, writes: ReplayedWrites, inner_len: u64, len: u64) -> Self {
+        ReplayedFile { inner, writes, inner_len, len }
     }
 
     fn fill_from_file(&self, buf: &mut [u8], pos: u64) -> Result<()> {
@@ -97,7 +97,7 @@ impl Replayed {
     }
 }
 
-impl Source for Replayed {
+impl Source for ReplayedFile {
     fn location(&self) -> &Location {
         self.inner.location()
     }
@@ -116,7 +116,7 @@ impl Source for Replayed {
         let mut pos = offset;
         while pos < end {
             let at = (pos - offset) as usize;
-            if let Some((&s, p)) = self.overlay.map.range(..=pos).next_back()
+            if let Some((&s, p)) = self.writes.map.range(..=pos).next_back()
                 && s + p.len() > pos
             {
                 let take = ((s + p.len()).min(end) - pos) as usize;
@@ -130,7 +130,7 @@ impl Source for Replayed {
                 pos += take as u64;
                 continue;
             }
-            let next = self.overlay.map.range(pos..).next().map_or(end, |(s, _)| (*s).min(end));
+            let next = self.writes.map.range(pos..).next().map_or(end, |(s, _)| (*s).min(end));
             self.fill_from_file(&mut buf[at..at + (next - pos) as usize], pos)?;
             pos = next;
         }
@@ -149,11 +149,11 @@ mod tests {
     fn the_replayed_view_layers_writes_over_the_file_and_zeros_past_its_end() {
         let file: Vec<u8> = (0..0x6000u32).map(|i| (i % 251) as u8 + 1).collect();
         let inner: Arc<dyn Source> = Arc::new(MemSource::new("f", file.clone()));
-        let mut ov = Overlay::default();
-        ov.apply(Write::Zero { file_offset: 0x1000, length: 0x3000 });
-        ov.apply(Write::Data { file_offset: 0x2000, sector: Some(vec![7u8; 4096].into()) });
-        ov.apply(Write::Data { file_offset: 0x8000, sector: Some(vec![8u8; 4096].into()) });
-        let v = Replayed::new(inner, ov, 0x6000, 0xA000);
+        let mut ov = ReplayedWrites::default();
+        ov.apply(LogWrite::Zero { file_offset: 0x1000, length: 0x3000 });
+        ov.apply(LogWrite::Data { file_offset: 0x2000, sector: Some(vec![7u8; 4096].into()) });
+        ov.apply(LogWrite::Data { file_offset: 0x8000, sector: Some(vec![8u8; 4096].into()) });
+        let v = ReplayedFile::new(inner, ov, 0x6000, 0xA000);
         let got = v.read_vec(0, 0xA000).unwrap();
         assert_eq!(&got[..0x1000], &file[..0x1000]);
         assert!(got[0x1000..0x2000].iter().all(|&x| x == 0));
@@ -170,33 +170,33 @@ mod tests {
     #[test]
     fn a_file_truncated_after_open_is_an_error_not_zeros() {
         let inner: Arc<dyn Source> = Arc::new(MemSource::new("f", vec![1u8; 0x2000]));
-        let v = Replayed::new(inner, Overlay::default(), 0x4000, 0x4000);
+        let v = ReplayedFile::new(inner, ReplayedWrites::default(), 0x4000, 0x4000);
         assert!(v.read_vec(0x1000, 0x2000).is_err());
     }
 
     proptest::proptest! {
-        /// The overlay read through [`Replayed`] equals applying the same writes to a plain buffer.
+        /// The writes read through [`ReplayedFile`] equal applying the same writes to a plain buffer.
         #[test]
-        fn overlay_reads_equal_a_buffer_model(
+        fn replayed_reads_equal_a_buffer_model(
             ops in proptest::collection::vec((proptest::bool::ANY, 0u64..40, 1u64..6), 0..24),
             reads in proptest::collection::vec((0u64..(48 * 4096), 1usize..20000), 1..8),
         ) {
             let file: Vec<u8> = (0..32 * 4096u32).map(|i| (i % 249) as u8 + 1).collect();
             let mut model = file.clone();
             model.resize(48 * 4096, 0);
-            let mut ov = Overlay::default();
+            let mut ov = ReplayedWrites::default();
             for (i, (zero, page, n)) in ops.iter().enumerate() {
                 let at = page * SECTOR;
                 if *zero {
-                    ov.apply(Write::Zero { file_offset: at, length: n * SECTOR });
+                    ov.apply(LogWrite::Zero { file_offset: at, length: n * SECTOR });
                     model[at as usize..((page + n) * SECTOR) as usize].fill(0);
                 } else {
                     let d = vec![i as u8 + 100; SECTOR as usize];
                     model[at as usize..(at + SECTOR) as usize].copy_from_slice(&d);
-                    ov.apply(Write::Data { file_offset: at, sector: Some(d.into()) });
+                    ov.apply(LogWrite::Data { file_offset: at, sector: Some(d.into()) });
                 }
             }
-            let v = Replayed::new(Arc::new(MemSource::new("f", file)), ov, 32 * 4096, 48 * 4096);
+            let v = ReplayedFile::new(Arc::new(MemSource::new("f", file)), ov, 32 * 4096, 48 * 4096);
             proptest::prop_assert_eq!(v.read_vec(0, 48 * 4096).unwrap(), model.clone());
             for (off, len) in reads {
                 let len = len.min((48 * 4096 - off) as usize);

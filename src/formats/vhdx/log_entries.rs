@@ -1,6 +1,7 @@
 //! The metadata log (MS-VHDX 2.3), replayed in memory: entries are validated, the active
-//! sequence is found as in 2.3.3, and its data and zero descriptors become an overlay that every
-//! later read of the file goes through ([`super::view::Replayed`]). The source is never written.
+//! sequence is found as in 2.3.3, and its data and zero descriptors become the
+//! [`ReplayedWrites`] that every later read of the file goes through
+//! ([`super::replayed::ReplayedFile`]). The source is never written.
 //!
 //! Stricter than the spec in one place: if a valid entry newer than the active sequence's head
 //! exists, the newest sequence was damaged in the middle (not torn at its head, which is what a
@@ -12,8 +13,7 @@ use byteorder::{ByteOrder, LittleEndian};
 
 use super::Error;
 use super::header::{Guid, checksum};
-use super::view::Overlay;
-use crate::error::Result;
+use super::replayed::ReplayedWrites;
 use crate::layer::fmt_guid_le;
 
 /// Log entries are made of 4 KiB sectors.
@@ -37,7 +37,7 @@ pub struct EntryHeader {
 /// One write a descriptor asks for. `Data` holds the whole reassembled 4 KiB sector when the
 /// entry was read with its data.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
+pub enum LogWrite {
     Data { file_offset: u64, sector: Option<Box<[u8]>> },
     Zero { file_offset: u64, length: u64 },
 }
@@ -50,12 +50,59 @@ pub enum Probe {
     /// An entry of this log that fails validation.
     Broken {
         sequence: u64,
-        reason: String,
+        defect: EntryDefect,
     },
     Valid {
         header: EntryHeader,
-        writes: Vec<Write>,
+        writes: Vec<LogWrite>,
     },
+}
+
+/// Why a log entry fails validation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryDefect {
+    #[error("entry length {0:#x} is not a non-zero multiple of 4 KiB within the log")]
+    Length(u64),
+    #[error("tail {0:#x} is not a 4 KiB offset inside the log")]
+    Tail(u32),
+    #[error("sequence number 0")]
+    SequenceZero,
+    #[error("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")]
+    Checksum { stored: u32, computed: u32 },
+    #[error("{count} descriptors do not fit in an entry of {len:#x} bytes")]
+    DescriptorsDoNotFit { count: u64, len: u64 },
+    #[error("descriptor {0} carries another sequence number")]
+    DescriptorSequence(usize),
+    #[error("descriptor {index} file offset {offset:#x} is not a 4 KiB aligned offset")]
+    DescriptorOffset { index: usize, offset: u64 },
+    #[error("zero descriptor {index} length {length:#x} is not a multiple of 4 KiB")]
+    ZeroLength { index: usize, length: u64 },
+    #[error("data descriptor {0} has no data sector inside the entry")]
+    NoDataSector(usize),
+    #[error("data sector of descriptor {0} has a bad signature or sequence number")]
+    DataSector(usize),
+    #[error("descriptor {index} has unknown signature {found:02x?}")]
+    DescriptorSignature { index: usize, found: [u8; 4] },
+}
+
+/// What a broken entry means for the replay.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Consequence {
+    #[error("the newest valid entry (sequence {sequence}) at {at:#x} depends on it, so the log cannot be replayed")]
+    NewerEntryDependsOnIt { sequence: u64, at: u64 },
+    #[error("no complete log sequence remains to replay")]
+    NothingToReplay,
+}
+
+/// Why a log holds no sequence to replay, although no entry of it is broken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoSequence {
+    #[error("the newest valid entry (sequence {sequence}) at {at:#x} does not belong to a complete sequence")]
+    Incomplete { sequence: u64, at: u64 },
+    #[error("no entry carries the header's LogGuid {{{}}}", fmt_guid_le(.guid))]
+    NoEntry { guid: Guid },
+    #[error("entry at {0:#x} changed while it was read")]
+    Changed(u64),
 }
 
 /// `len` bytes of the circular log starting at `at`.
@@ -86,56 +133,72 @@ pub fn probe(log: &[u8], at: u64, guid: &Guid, with_data: bool) -> Probe {
         last_file_offset: LittleEndian::read_u64(&h[56..64]),
     };
     let seq = header.sequence;
-    let broken = |reason: String| Probe::Broken { sequence: seq, reason };
+    let broken = |defect: EntryDefect| Probe::Broken { sequence: seq, defect };
     let len = header.entry_length as u64;
     if len == 0 || !len.is_multiple_of(SECTOR) || len > n {
-        return broken(format!("entry length {len:#x} is not a non-zero multiple of 4 KiB within the log"));
+        return broken(EntryDefect::Length(len));
     }
     if !(header.tail as u64).is_multiple_of(SECTOR) || header.tail as u64 >= n {
-        return broken(format!("tail {:#x} is not a 4 KiB offset inside the log", header.tail));
+        return broken(EntryDefect::Tail(header.tail));
     }
     if seq == 0 {
-        return broken("sequence number 0".into());
+        return broken(EntryDefect::SequenceZero);
     }
     let b = ring(log, at, len);
     let stored = LittleEndian::read_u32(&b[4..8]);
     let computed = checksum(&b, 4);
     if stored != computed {
-        return broken(format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"));
+        return broken(EntryDefect::Checksum { stored, computed });
     }
     let count = header.descriptor_count as u64;
     let desc_sectors = descriptor_sectors(count);
     if desc_sectors * SECTOR > len {
-        return broken(format!("{count} descriptors do not fit in an entry of {len:#x} bytes"));
+        return broken(EntryDefect::DescriptorsDoNotFit { count, len });
     }
-    let mut writes = Vec::with_capacity(count.min(1 << 16) as usize);
+    match descriptors(&b, seq, count as usize, desc_sectors, with_data) {
+        Ok(writes) => Probe::Valid { header, writes },
+        Err(defect) => broken(defect),
+    }
+}
+
+/// The `count` descriptors of entry `b` (whose sequence number is `seq`) and, for data
+/// descriptors, their data sectors, which follow the `desc_sectors` descriptor sectors.
+fn descriptors(
+    b: &[u8],
+    seq: u64,
+    count: usize,
+    desc_sectors: u64,
+    with_data: bool,
+) -> Result<Vec<LogWrite>, EntryDefect> {
+    let len = b.len() as u64;
+    let mut writes = Vec::with_capacity(count.min(1 << 16));
     let mut data_sector = desc_sectors;
-    for k in 0..count as usize {
+    for k in 0..count {
         let d = &b[HEADER_LEN + DESC_LEN * k..HEADER_LEN + DESC_LEN * (k + 1)];
         let file_offset = LittleEndian::read_u64(&d[16..24]);
         if LittleEndian::read_u64(&d[24..32]) != seq {
-            return broken(format!("descriptor {k} carries another sequence number"));
+            return Err(EntryDefect::DescriptorSequence(k));
         }
         if !file_offset.is_multiple_of(SECTOR) || file_offset.checked_add(SECTOR).is_none() {
-            return broken(format!("descriptor {k} file offset {file_offset:#x} is not a 4 KiB aligned offset"));
+            return Err(EntryDefect::DescriptorOffset { index: k, offset: file_offset });
         }
         match &d[0..4] {
             b"zero" => {
                 let length = LittleEndian::read_u64(&d[8..16]);
                 if !length.is_multiple_of(SECTOR) || file_offset.checked_add(length).is_none() {
-                    return broken(format!("zero descriptor {k} length {length:#x} is not a multiple of 4 KiB"));
+                    return Err(EntryDefect::ZeroLength { index: k, length });
                 }
-                writes.push(Write::Zero { file_offset, length });
+                writes.push(LogWrite::Zero { file_offset, length });
             }
             b"desc" => {
                 if (data_sector + 1) * SECTOR > len {
-                    return broken(format!("data descriptor {k} has no data sector inside the entry"));
+                    return Err(EntryDefect::NoDataSector(k));
                 }
                 let s = &b[(data_sector * SECTOR) as usize..((data_sector + 1) * SECTOR) as usize];
                 let high = LittleEndian::read_u32(&s[4..8]) as u64;
                 let low = LittleEndian::read_u32(&s[4092..4096]) as u64;
                 if &s[0..4] != b"data" || (high << 32 | low) != seq {
-                    return broken(format!("data sector of descriptor {k} has a bad signature or sequence number"));
+                    return Err(EntryDefect::DataSector(k));
                 }
                 let sector = with_data.then(|| {
                     let mut v = vec![0u8; SECTOR as usize];
@@ -144,13 +207,13 @@ pub fn probe(log: &[u8], at: u64, guid: &Guid, with_data: bool) -> Probe {
                     v[4092..4096].copy_from_slice(&d[4..8]); // trailing bytes
                     v.into_boxed_slice()
                 });
-                writes.push(Write::Data { file_offset, sector });
+                writes.push(LogWrite::Data { file_offset, sector });
                 data_sector += 1;
             }
-            other => return broken(format!("descriptor {k} has unknown signature {other:02x?}")),
+            _ => return Err(EntryDefect::DescriptorSignature { index: k, found: [d[0], d[1], d[2], d[3]] }),
         }
     }
-    Probe::Valid { header, writes }
+    Ok(writes)
 }
 
 /// The active sequence: log offsets of its entries, tail first.
@@ -207,37 +270,39 @@ pub fn active_sequence(log: &[u8], guid: &Guid) -> Result<Sequence, Error> {
             _ => None,
         })
         .max();
-    let broken_after = |seq: u64| {
-        memo.iter()
-            .filter_map(|(at, p)| match p {
-                Probe::Broken { sequence, reason } if *sequence > seq => Some((*sequence, *at, reason.clone())),
-                _ => None,
-            })
-            .min()
-    };
     match (candidate, newest) {
         (Some(c), Some((top, _))) if c.head.sequence >= top => Ok(c),
-        (c, newest) => {
-            let after = c.as_ref().map_or(0, |c| c.head.sequence);
-            let newest_text = newest.map(|(s, at)| format!("the newest valid entry (sequence {s}) at {at:#x}"));
-            match broken_after(after) {
-                Some((sequence, at, reason)) => Err(Error::LogEntry {
-                    at,
-                    sequence,
-                    reason,
-                    consequence: match &newest_text {
-                        Some(t) if newest.is_some_and(|(s, _)| s > sequence) => {
-                            format!("{t} depends on it, so the log cannot be replayed")
-                        }
-                        _ => "no complete log sequence remains to replay".into(),
-                    },
-                }),
-                None => Err(Error::NoLogSequence(match newest_text {
-                    Some(t) => format!("{t} does not belong to a complete sequence"),
-                    None => format!("no entry carries the header's LogGuid {{{}}}", fmt_guid_le(guid)),
-                })),
-            }
-        }
+        (c, newest) => Err(why_not_replayable(&memo, c.map_or(0, |c| c.head.sequence), newest, guid)),
+    }
+}
+
+/// Why no sequence can be replayed: the oldest broken entry newer than the best complete
+/// sequence (which ends at sequence number `after`), or else why no complete sequence exists.
+/// `newest` is the sequence number and log offset of the newest valid entry.
+fn why_not_replayable(memo: &HashMap<u64, Probe>, after: u64, newest: Option<(u64, u64)>, guid: &Guid) -> Error {
+    let broken = memo
+        .iter()
+        .filter_map(|(at, p)| match p {
+            Probe::Broken { sequence, defect } if *sequence > after => Some((*sequence, *at, defect)),
+            _ => None,
+        })
+        .min_by_key(|(sequence, at, _)| (*sequence, *at));
+    match broken {
+        Some((sequence, at, defect)) => Error::LogEntry {
+            at,
+            sequence,
+            defect: defect.clone(),
+            consequence: match newest {
+                Some((s, newest_at)) if s > sequence => {
+                    Consequence::NewerEntryDependsOnIt { sequence: s, at: newest_at }
+                }
+                _ => Consequence::NothingToReplay,
+            },
+        },
+        None => Error::NoLogSequence(match newest {
+            Some((sequence, at)) => NoSequence::Incomplete { sequence, at },
+            None => NoSequence::NoEntry { guid: *guid },
+        }),
     }
 }
 
@@ -251,14 +316,14 @@ pub struct Summary {
     pub zero_descriptors: usize,
 }
 
-/// Replays the active sequence of `log` over a file of `file_len` bytes. Returns the overlay, the
+/// Replays the active sequence of `log` over a file of `file_len` bytes. Returns the writes, the
 /// file length afterwards (extended to LastFileOffset and to the furthest write) and a summary.
-pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<(Overlay, u64, Summary), Error> {
+pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<(ReplayedWrites, u64, Summary), Error> {
     let seq = active_sequence(log, guid)?;
     if seq.head.flushed_file_offset > file_len {
         return Err(Error::LogTruncated { flushed: seq.head.flushed_file_offset, len: file_len });
     }
-    let mut overlay = Overlay::default();
+    let mut writes = ReplayedWrites::default();
     let mut summary = Summary {
         entries: seq.offsets.len(),
         first_sequence: seq.first,
@@ -267,19 +332,19 @@ pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<(Overlay, u64, S
         zero_descriptors: 0,
     };
     for &at in &seq.offsets {
-        let Probe::Valid { writes, .. } = probe(log, at, guid, true) else {
-            return Err(Error::NoLogSequence(format!("entry at {at:#x} changed while it was read")));
+        let Probe::Valid { writes: entry, .. } = probe(log, at, guid, true) else {
+            return Err(Error::NoLogSequence(NoSequence::Changed(at)));
         };
-        for w in writes {
+        for w in entry {
             match w {
-                Write::Data { .. } => summary.data_descriptors += 1,
-                Write::Zero { .. } => summary.zero_descriptors += 1,
+                LogWrite::Data { .. } => summary.data_descriptors += 1,
+                LogWrite::Zero { .. } => summary.zero_descriptors += 1,
             }
-            overlay.apply(w);
+            writes.apply(w);
         }
     }
-    let len = file_len.max(seq.head.last_file_offset).max(overlay.end());
-    Ok((overlay, len, summary))
+    let len = file_len.max(seq.head.last_file_offset).max(writes.end());
+    Ok((writes, len, summary))
 }
 
 #[cfg(test)]
@@ -287,7 +352,7 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::formats::vhdx::view::Replayed;
+    use crate::formats::vhdx::replayed::ReplayedFile;
     use crate::source::{MemSource, Source};
 
     const GUID: Guid = [0x5A; 16];
@@ -366,7 +431,7 @@ mod tests {
         let (ov, len, sum) = replay(&log, &GUID, 4 << 20).unwrap();
         assert_eq!(len, 5 << 20, "extended to LastFileOffset");
         assert_eq!((sum.data_descriptors, sum.zero_descriptors), (1, 1));
-        let v = Replayed::new(Arc::new(MemSource::new("f", vec![1u8; 4 << 20])), ov, 4 << 20, len);
+        let v = ReplayedFile::new(Arc::new(MemSource::new("f", vec![1u8; 4 << 20])), ov, 4 << 20, len);
         assert_eq!(
             v.read_vec(0x2000, 0x1000).unwrap(),
             vec![0u8; 0x1000],
@@ -388,7 +453,7 @@ mod tests {
         let s = active_sequence(&log, &GUID).unwrap();
         assert_eq!(s.offsets, vec![at]);
         let (ov, _, _) = replay(&log, &GUID, 8 << 20).unwrap();
-        let v = Replayed::new(Arc::new(MemSource::new("f", vec![1u8; 8 << 20])), ov, 8 << 20, 8 << 20);
+        let v = ReplayedFile::new(Arc::new(MemSource::new("f", vec![1u8; 8 << 20])), ov, 8 << 20, 8 << 20);
         assert_eq!(v.read_vec(0x6000, 0x1000).unwrap(), vec![9u8; 0x1000]);
     }
 
