@@ -9,7 +9,7 @@ pub mod xva;
 
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Kind, Result};
 use crate::gate::Gate;
 use crate::layer::Layer;
 use crate::progress::Progress;
@@ -30,6 +30,21 @@ pub enum Opened {
     Layer(Arc<dyn Layer>),
     /// Whole disks, each a single layer without parent, named (XVA).
     Disks(Vec<(String, Arc<dyn Layer>)>),
+}
+
+/// What detection refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum FormatError {
+    #[error("{0}")]
+    Unrecognised(&'static str),
+    #[error("an XVA export holds whole disks and cannot be the parent of another image")]
+    XvaAsParent,
+}
+
+impl ErrorKind for FormatError {
+    fn kind(&self) -> Kind {
+        Kind::Unsupported
+    }
 }
 
 /// What a file's magic bytes say it is.
@@ -74,7 +89,7 @@ pub fn detect(src: &dyn Source) -> Result<Format> {
         "xva" => "neither a tar archive nor gzip/zstd-compressed (not an XVA)",
         _ => "not a recognised disk image (no VHD footer, VHDX, VMDK or XVA signature); a raw disk needs no vdiskfs",
     };
-    Err(Error::unsupported(msg).in_file(src.location()))
+    Err(Error::from(FormatError::Unrecognised(msg)).in_file(src.location()))
 }
 
 fn is_tar(head: &[u8]) -> bool {
@@ -109,7 +124,7 @@ fn open_as(format: Format, src: Arc<dyn Source>, ctx: &FormatContext) -> Result<
 pub fn open_layer(src: Arc<dyn Source>, ctx: &FormatContext) -> Result<Arc<dyn Layer>> {
     match detect(src.as_ref())? {
         Format::Xva => {
-            Err(Error::unsupported("an XVA export holds whole disks and cannot be the parent of another image")
+            Err(Error::from(FormatError::XvaAsParent)
                 .in_file(src.location()))
         }
         format => match open_as(format, src, ctx)? {
