@@ -14,9 +14,11 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::stream::{self, Codec, Point, Recorder, Windows};
+use super::Error;
+use super::compressed::{self, Codec};
+use super::restart::{Recorder, RestartPoint, WindowStore};
 use super::tar::{self, End, Input, Member};
-use crate::error::{Error, Result};
+use crate::error::{Error as CrateError, Result};
 use crate::progress::Progress;
 use crate::source::{FileId, Source};
 
@@ -30,8 +32,8 @@ pub struct Index {
     pub end: End,
     /// Length of the (decompressed) tar stream.
     pub total: u64,
-    pub points: Vec<Point>,
-    pub windows: Windows,
+    pub points: Vec<RestartPoint>,
+    pub windows: WindowStore,
     /// Read back from the cache directory.
     pub cached: Option<PathBuf>,
 }
@@ -41,15 +43,15 @@ fn keep(name: &str, size: u64) -> bool {
     size <= tar::SMALL || (name.trim_start_matches("./") == "ova.xml" && size <= super::MAX_OVA_XML)
 }
 
+/// The index file's name for the file `id`.
+fn index_name(id: &FileId) -> String {
+    format!("xva-index-{:x}-{:x}-{:x}-{:x}.v1", id.dev, id.ino, id.size, id.mtime_ns as u128)
+}
+
 /// Loads the cached index of `src`, or builds (and caches) it.
 pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>, progress: &dyn Progress) -> Result<Index> {
     let id = src.id();
-    let path = match (cache_dir, id) {
-        (Some(d), Some(id)) => {
-            Some(d.join(format!("xva-index-{:x}-{:x}-{:x}-{:x}.v1", id.dev, id.ino, id.size, id.mtime_ns as u128)))
-        }
-        _ => None,
-    };
+    let path = cache_dir.zip(id).map(|(d, id)| d.join(index_name(&id)));
     if let (Some(p), Some(id)) = (&path, id)
         && let Some(ix) = load(p, &id)
     {
@@ -67,14 +69,14 @@ pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>, progr
         None => None,
     };
     let rec = match &tmp {
-        Some((_, f)) => Recorder::file(f.try_clone().map_err(|e| Error::io("index file", e))?),
+        Some((_, f)) => Recorder::file(f.try_clone().map_err(|e| CrateError::io("index file", e))?),
         None => Recorder::memory(),
     };
     let mut ix = build(src, codec, rec, progress)?;
     if let (Some((tp, f)), Some(p), Some(id)) = (tmp, path, id) {
         match save(&f, &tp, &p, &id, &ix) {
             Ok(()) => {
-                ix.windows = Windows::File(File::open(&p).map_err(|e| Error::io("index file", e))?);
+                ix.windows = WindowStore::File(File::open(&p).map_err(|e| CrateError::io("index file", e))?);
                 ix.cached = Some(p);
             }
             Err(e) => {
@@ -109,23 +111,15 @@ fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder, progress: &dyn Prog
     let (end, total, rec) = match codec {
         Codec::Plain => (tar::walk(Input::File(src.as_ref()), &keep, &mut push, &tick)?, len, rec),
         _ => {
-            let mut scanner = stream::scanner(codec, src.clone(), rec)?;
-            let end = tar::walk(Input::Decoder(scanner.cursor()), &keep, &mut push, &tick)?;
+            let mut scanner = compressed::scanner(codec, src.clone(), rec)?;
+            let end = tar::walk(Input::Decoder(scanner.decoder()), &keep, &mut push, &tick)?;
             // Decode to the end: trailing blocks, and so the stream's own checks run (gzip CRC,
             // a zstd frame cut short).
-            let c = scanner.cursor();
+            let d = scanner.decoder();
             let mut buf = vec![0u8; 1 << 20];
-            loop {
-                match c.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Err(Error::new(e.kind(), format!("after the end of the tar archive: {}", e.message())));
-                    }
-                }
-            }
-            let total = c.pos();
-            let rec = scanner.finish().ok_or_else(|| Error::corrupt("internal: no recorder"))?;
+            while d.decode(&mut buf).map_err(Error::AfterTar)? > 0 {}
+            let total = d.pos();
+            let rec = scanner.finish().ok_or_else(|| CrateError::internal("the index pass lost its recorder"))?;
             (end, total, rec)
         }
     };
@@ -139,7 +133,8 @@ fn put(v: &mut Vec<u8>, x: u64) {
     v.extend_from_slice(&x.to_le_bytes());
 }
 
-fn save(f: &File, tmp: &Path, path: &Path, id: &FileId, ix: &Index) -> Result<()> {
+/// The metadata: the archive's identity, then the members, then the restart points.
+fn encode(id: &FileId, ix: &Index) -> Vec<u8> {
     let mut m = Vec::new();
     put(&mut m, id.dev);
     put(&mut m, id.ino);
@@ -172,35 +167,46 @@ fn save(f: &File, tmp: &Path, path: &Path, id: &FileId, ix: &Index) -> Result<()
         put(&mut m, p.win_off);
         put(&mut m, p.win_len as u64);
     }
-    let meta_off = f.metadata().map_err(|e| Error::io("index file", e))?.len();
+    m
+}
+
+/// Appends the metadata and the footer to `f` (the temporary file `tmp`, holding the windows),
+/// then renames it to `path`.
+fn save(f: &File, tmp: &Path, path: &Path, id: &FileId, ix: &Index) -> Result<()> {
+    let m = encode(id, ix);
+    let meta_off = f.metadata().map_err(|e| CrateError::io("index file", e))?.len();
     let mut tail = Vec::with_capacity(32);
     put(&mut tail, meta_off);
     put(&mut tail, m.len() as u64);
     put(&mut tail, xxhash_rust::xxh64::xxh64(&m, 0));
     tail.extend_from_slice(MAGIC);
-    let w = |e| Error::io("writing the index", e);
+    let w = |e| CrateError::io("writing the index", e);
     f.write_all_at(&m, meta_off).map_err(w)?;
     f.write_all_at(&tail, meta_off + m.len() as u64).map_err(w)?;
     (&*f).flush().map_err(w)?;
     std::fs::rename(tmp, path).map_err(w)?;
-    // Older indexes of the same file (it was modified since) are useless now.
     if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        let prefix = format!("xva-index-{:x}-{:x}-", id.dev, id.ino);
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with(&prefix) && n != name && !n.contains(".tmp-") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
+        remove_older(dir, name, id);
     }
     Ok(())
 }
 
-struct Rd<'a>(&'a [u8]);
+/// Older indexes of the same file (it was modified since) are useless now.
+fn remove_older(dir: &Path, name: &str, id: &FileId) {
+    let prefix = format!("xva-index-{:x}-{:x}-", id.dev, id.ino);
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) && n != name && !n.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
 
-impl Rd<'_> {
+/// Little-endian fields off the front of a byte slice; `None` past its end.
+struct FieldReader<'a>(&'a [u8]);
+
+impl FieldReader<'_> {
     fn u64(&mut self) -> Option<u64> {
         let (a, b) = self.0.split_at_checked(8)?;
         self.0 = b;
@@ -218,6 +224,7 @@ impl Rd<'_> {
     }
 }
 
+/// The index at `path`, if it is there, intact and of the file `id`.
 fn load(path: &Path, id: &FileId) -> Option<Index> {
     let f = File::open(path).ok()?;
     let len = f.metadata().ok()?.len();
@@ -226,18 +233,26 @@ fn load(path: &Path, id: &FileId) -> Option<Index> {
     if &tail[24..] != MAGIC {
         return None;
     }
-    let mut t = Rd(&tail);
+    let mut t = FieldReader(&tail);
     let (off, mlen, sum) = (t.u64()?, t.u64()?, t.u64()?);
-    if off.checked_add(mlen)? != len - 32 || mlen > 1 << 34 {
+    // The metadata lies between the windows and the footer, so it is no larger than the file.
+    if off.checked_add(mlen)? != len - 32 {
         return None;
     }
-    let mut m = vec![0u8; mlen as usize];
+    let mut m = vec![0u8; usize::try_from(mlen).ok()?];
     f.read_exact_at(&mut m, off).ok()?;
     if xxhash_rust::xxh64::xxh64(&m, 0) != sum {
         log::warn!("{}: damaged index; rebuilding it", path.display());
         return None;
     }
-    let mut r = Rd(&m);
+    let mut ix = decode(&mut FieldReader(&m), id)?;
+    ix.windows = WindowStore::File(f);
+    ix.cached = Some(path.to_path_buf());
+    Some(ix)
+}
+
+/// The metadata written by [`encode`], if it is of the file `id`.
+fn decode(r: &mut FieldReader, id: &FileId) -> Option<Index> {
     let (dev, ino, size) = (r.u64()?, r.u64()?, r.u64()?);
     let mtime = i128::from_le_bytes(r.bytes(16)?.try_into().ok()?);
     if (dev, ino, size, mtime) != (id.dev, id.ino, id.size, id.mtime_ns) {
@@ -271,7 +286,9 @@ fn load(path: &Path, id: &FileId) -> Option<Index> {
     for _ in 0..n {
         let (out, inp, bits, ms) = (r.u64()?, r.u64()?, r.u8()?, r.u8()?);
         let (win_off, win_len) = (r.u64()?, r.u64()?);
-        points.push(Point { out, inp, bits, member_start: ms == 1, win_off, win_len: u32::try_from(win_len).ok()? });
+        let win_len = u32::try_from(win_len).ok()?;
+        points.push(RestartPoint { out, inp, bits, member_start: ms == 1, win_off, win_len });
     }
-    Some(Index { codec, members, end, total, points, windows: Windows::File(f), cached: Some(path.to_path_buf()) })
+    let windows = WindowStore::Mem(Vec::new());
+    Some(Index { codec, members, end, total, points, windows, cached: None })
 }
