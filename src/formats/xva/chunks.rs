@@ -7,6 +7,9 @@
 //! chunk after it sits one number "early". Each chunk is followed by `<chunk>.checksum` (SHA-1,
 //! 40 hex) or `<chunk>.xxhash` (XXH64, 16 hex); the importer picks the algorithm from the
 //! extension, and so does this module.
+//!
+//! xapi writes 1 MiB chunks; a chunk size over [`MAX_UNIT`] (1 GiB) is refused. Readers never
+//! hold a whole chunk of that size: see `disk.rs`.
 
 use sha1::{Digest, Sha1};
 
@@ -65,9 +68,16 @@ impl ChunkChecksum {
 
     /// The same kind of checksum computed over `data`.
     pub fn compute(&self, data: &[u8]) -> ChunkChecksum {
+        let mut h = self.hasher();
+        h.update(data);
+        h.finish()
+    }
+
+    /// A hasher of the same kind, for data that comes in pieces.
+    pub fn hasher(&self) -> ChunkHasher {
         match self {
-            ChunkChecksum::Sha1(_) => ChunkChecksum::Sha1(Sha1::digest(data).into()),
-            ChunkChecksum::Xxh64(_) => ChunkChecksum::Xxh64(xxhash_rust::xxh64::xxh64(data, 0)),
+            ChunkChecksum::Sha1(_) => ChunkHasher::Sha1(Sha1::new()),
+            ChunkChecksum::Xxh64(_) => ChunkHasher::Xxh64(xxhash_rust::xxh64::Xxh64::new(0)),
         }
     }
 
@@ -84,6 +94,27 @@ impl std::fmt::Display for ChunkChecksum {
         match self {
             ChunkChecksum::Sha1(d) => d.iter().try_for_each(|b| write!(f, "{b:02x}")),
             ChunkChecksum::Xxh64(h) => write!(f, "{h:016X}"),
+        }
+    }
+}
+
+/// A chunk's checksum computed piece by piece.
+pub enum ChunkHasher {
+    Sha1(Sha1),
+    Xxh64(xxhash_rust::xxh64::Xxh64),
+}
+
+impl ChunkHasher {
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            ChunkHasher::Sha1(h) => h.update(data),
+            ChunkHasher::Xxh64(h) => h.update(data),
+        }
+    }
+    pub fn finish(self) -> ChunkChecksum {
+        match self {
+            ChunkHasher::Sha1(h) => ChunkChecksum::Sha1(h.finalize().into()),
+            ChunkHasher::Xxh64(h) => ChunkChecksum::Xxh64(h.digest()),
         }
     }
 }
@@ -180,7 +211,7 @@ pub struct Layout {
     pub disks: Vec<Placed>,
 }
 
-/// The largest chunk accepted (xapi keeps chunks under 2^30 bytes).
+/// The largest chunk accepted (xapi writes 1 MiB chunks; no writer goes near 2^30 bytes).
 pub const MAX_UNIT: u64 = 1 << 30;
 
 /// A chunk member not yet placed.
@@ -423,6 +454,13 @@ mod tests {
         let e = ChunkChecksum::parse("xxhash", b"EF46DB37").unwrap_err();
         assert!(e.to_string().contains("16 hex"), "{e}");
         assert_eq!(ChunkChecksum::parse("md5", b"x"), Err(ChecksumError::UnknownType { ext: "md5".into() }));
+        // Hashing in pieces gives what hashing at once does.
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        for sum in [s, ChunkChecksum::Xxh64(0)] {
+            let mut h = sum.hasher();
+            data.chunks(7777).for_each(|p| h.update(p));
+            assert_eq!(h.finish(), sum.compute(&data));
+        }
     }
 
     #[test]

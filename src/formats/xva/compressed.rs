@@ -3,14 +3,18 @@
 //! The index pass decodes the stream once, recording restart points (`restart.rs`, filled by
 //! `gzip.rs` and `zstd.rs`). Reads are served in whole 1 MiB blocks of the decompressed stream:
 //! a block is decoded by an idle decoder standing at or before it, or by a new one started at the
-//! nearest restart point, and every whole block a decoder passes is kept in a small memory
-//! cache. A reader waits for a busy decoder that is already heading its way instead
+//! nearest restart point, and every whole block a decoder passes is kept in a memory cache of
+//! [`MEM_CACHE_BYTES`]. A reader waits for a busy decoder that is already heading its way instead
 //! of starting another, so concurrent and slightly out-of-order sequential readers (FUSE threads,
 //! readahead) decode each block once. Where some stretch of the stream is more than [`LONG`]
 //! bytes without a restart point (a single-frame zstd stream), blocks are also kept in a bounded
 //! on-disk cache ([`FileBlockCache`]), so that going back does not mean decoding from the start
 //! of the stream again. Locks are held only to take or return a decoder or to look up a block,
 //! never while decoding.
+//!
+//! Memory per archive: the block cache (32 MiB), at most [`MAX_IDLE_DECODERS`] idle decoders plus
+//! one per reader (gzip: 256 KiB of input buffer and zlib's 32 KiB window each; zstd: the input
+//! buffer and up to libzstd's 128 MiB window limit each), and one 1 MiB block per reader.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -26,6 +30,7 @@ use super::Error;
 use super::gzip::GzDecoder;
 use super::restart::{Recorder, RestartPoint, WindowStore};
 use super::zstd::ZstdDecoder;
+use crate::cache::ByteCache;
 use crate::error::{Error as CrateError, Result};
 use crate::source::Source;
 
@@ -110,8 +115,8 @@ pub const LONG: u64 = 32 << 20;
 pub const BLOCK: u64 = 1 << 20;
 /// Decoders kept idle per archive, for the next read near where they stand.
 pub const MAX_IDLE_DECODERS: usize = 6;
-/// Decoded blocks kept in memory per archive.
-const MEM_BLOCKS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(32).unwrap();
+/// Decoded blocks kept in memory per archive: 32 blocks.
+pub const MEM_CACHE_BYTES: usize = 32 << 20;
 
 struct Pool {
     idle: Vec<(Box<dyn ForwardDecoder>, u64)>,
@@ -139,7 +144,7 @@ pub struct CompressedTar {
     cv: Condvar,
     blocks: Option<FileBlockCache>,
     /// Recently decoded blocks.
-    mem: Mutex<LruCache<u64, Arc<[u8]>>>,
+    mem: ByteCache<u64, Arc<[u8]>>,
     pub decoded: AtomicU64,
 }
 
@@ -171,7 +176,7 @@ impl CompressedTar {
             pool: Mutex::new(Pool { idle: Vec::new(), busy: Vec::new(), tick: 0 }),
             cv: Condvar::new(),
             blocks,
-            mem: Mutex::new(LruCache::new(MEM_BLOCKS)),
+            mem: ByteCache::new(MEM_CACHE_BYTES),
             decoded: AtomicU64::new(0),
         })
     }
@@ -205,7 +210,7 @@ impl CompressedTar {
     }
 
     fn is_cached(&self, b: u64) -> bool {
-        self.mem.lock().contains(&b) || self.blocks.as_ref().is_some_and(|c| c.contains(b))
+        self.mem.get(&b).is_some() || self.blocks.as_ref().is_some_and(|c| c.contains(b))
     }
 
     /// An idle decoder standing in `[from, off]` (the closest), or a new one at `p`. With
@@ -313,12 +318,12 @@ impl CompressedTar {
         if let Some(bc) = self.blocks.as_ref() {
             bc.put(b, &data);
         }
-        self.mem.lock().put(b, data);
+        self.mem.insert(b, data);
     }
 
     /// Copies from block `b` at `within` if it is cached (memory, then disk).
     fn cached(&self, b: u64, within: usize, out: &mut [u8]) -> Result<bool> {
-        if let Some(d) = self.mem.lock().get(&b).cloned() {
+        if let Some(d) = self.mem.get(&b) {
             if d.len() < within + out.len() {
                 return Err(self.early_end(b * BLOCK + d.len() as u64));
             }

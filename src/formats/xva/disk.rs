@@ -1,21 +1,29 @@
 //! One disk of an export ([`XvaDisk`]): a layer with no parent whose data are the VDI's chunks,
 //! read from the archive in place and verified against their checksums on first read.
+//!
+//! A chunk is verified whole, whatever part of it is read first. A read of part of a chunk of up
+//! to [`MAX_KEPT_CHUNK`] reads the chunk into a buffer, verifies it and keeps it in a per-disk
+//! cache of [`RECENT_BYTES`], because the rest of it is likely read next (for a compressed
+//! archive, reading it again would restart a decoder behind this point). A larger chunk (xapi
+//! writes 1 MiB chunks, but the format allows up to 1 GiB) is never held whole: it is hashed in
+//! pieces of [`HASH_PIECE`] and the part asked for is copied out on the way.
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use lru::LruCache;
-use parking_lot::Mutex;
-
 use super::chunks::{Chunk, ChunkChecksum, Placed};
 use super::{Archive, Error, TarStream, chunk_name, ovaxml};
+use crate::cache::ByteCache;
 use crate::error::{Error as CrateError, Result};
 use crate::layer::{Identity, Layer, LayerInfo, ParentRef, Span};
 use crate::source::{Location, Source};
 
-/// Verified chunks kept in memory per disk (8 MiB with 1 MiB chunks).
-const RECENT_CHUNKS: NonZeroUsize = NonZeroUsize::new(8).unwrap();
+/// Verified chunks kept in memory per disk: 16 of xapi's 1 MiB chunks.
+pub const RECENT_BYTES: usize = 16 << 20;
+/// The largest chunk kept whole after a partial read verified it.
+pub const MAX_KEPT_CHUNK: u64 = 4 << 20;
+/// The piece in which a larger chunk is read and hashed.
+pub const HASH_PIECE: u64 = 1 << 20;
 
 /// One disk of an export: a single layer with no parent.
 #[derive(Debug)]
@@ -29,7 +37,7 @@ pub struct XvaDisk {
     digits: usize,
     keepalives: u64,
     /// Chunks just verified by a partial read, for the reads of their other parts.
-    recent: Mutex<LruCache<usize, Arc<[u8]>>>,
+    recent: ByteCache<usize, Arc<[u8]>>,
 }
 
 impl XvaDisk {
@@ -45,7 +53,7 @@ impl XvaDisk {
             verify,
             digits: d.digits,
             keepalives: d.keepalives,
-            recent: Mutex::new(LruCache::new(RECENT_CHUNKS)),
+            recent: ByteCache::new(RECENT_BYTES),
         }
     }
 
@@ -69,7 +77,7 @@ impl XvaDisk {
     fn read_chunk(&self, i: usize, within: u64, buf: &mut [u8]) -> Result<()> {
         let c = self.chunks[i];
         let at = within as usize..within as usize + buf.len();
-        if let Some(d) = self.recent.lock().get(&i) {
+        if let Some(d) = self.recent.get(&i) {
             buf.copy_from_slice(&d[at]);
             return Ok(());
         }
@@ -77,22 +85,47 @@ impl XvaDisk {
             Some(s) if self.verify && !self.is_verified(i) => s,
             _ => return self.archive.read_exact_at(c.data + within, buf),
         };
-        let whole = within == 0 && buf.len() as u64 == c.len;
-        let mut tmp = if whole { Vec::new() } else { vec![0u8; c.len as usize] };
-        let data: &mut [u8] = if whole { buf } else { &mut tmp };
-        self.archive.read_exact_at(c.data, data)?;
-        let computed = sum.compute(data);
+        let mut keep: Option<Vec<u8>> = None;
+        let computed = if within == 0 && buf.len() as u64 == c.len {
+            self.archive.read_exact_at(c.data, buf)?;
+            sum.compute(buf)
+        } else if c.len <= MAX_KEPT_CHUNK {
+            let data = keep.insert(vec![0u8; c.len as usize]);
+            self.archive.read_exact_at(c.data, data)?;
+            buf.copy_from_slice(&data[at]);
+            sum.compute(data)
+        } else {
+            self.hash_in_pieces(&c, sum, within, buf)?
+        };
         if computed != sum {
             return Err(self.mismatch(i, sum, computed));
         }
         self.set_verified(i);
-        if !whole {
-            buf.copy_from_slice(&tmp[at]);
-            // The rest of this chunk is likely read next; keep it rather than read it again
-            // (for a compressed archive that would restart a decoder behind this point).
-            self.recent.lock().put(i, tmp.into());
+        if let Some(data) = keep {
+            self.recent.insert(i, data.into());
         }
         Ok(())
+    }
+
+    /// Hashes chunk `c`, too large to keep, piece by piece, copying the part at `within` into
+    /// `buf` on the way; only one piece is held at a time.
+    fn hash_in_pieces(&self, c: &Chunk, sum: ChunkChecksum, within: u64, buf: &mut [u8]) -> Result<ChunkChecksum> {
+        let mut h = sum.hasher();
+        let mut piece = vec![0u8; HASH_PIECE.min(c.len) as usize];
+        let (want_lo, want_hi) = (within, within + buf.len() as u64);
+        let mut at = 0u64;
+        while at < c.len {
+            let p = &mut piece[..(c.len - at).min(HASH_PIECE) as usize];
+            self.archive.read_exact_at(c.data + at, p)?;
+            h.update(p);
+            let (lo, hi) = (at.max(want_lo), (at + p.len() as u64).min(want_hi));
+            if lo < hi {
+                buf[(lo - want_lo) as usize..(hi - want_lo) as usize]
+                    .copy_from_slice(&p[(lo - at) as usize..(hi - at) as usize]);
+            }
+            at += p.len() as u64;
+        }
+        Ok(h.finish())
     }
 
     fn mismatch(&self, i: usize, stored: ChunkChecksum, computed: ChunkChecksum) -> CrateError {
@@ -291,5 +324,43 @@ mod tests {
             // One restart interval, plus the whole 1 MiB chunk verified on its first read.
             assert!(cost <= super::super::gzip::SPAN + (2 << 20), "decoded {cost} bytes for a 4 KiB read");
         }
+    }
+
+    #[test]
+    fn small_chunks_are_kept_after_a_partial_read_and_large_ones_never_are() {
+        for (chunk, kept) in [(1u64 << 20, true), (8 << 20, false)] {
+            let data = pattern(5, (3 * chunk) as usize);
+            let mut b = XvaBuilder::xapi("vm");
+            b.disk("d", data.clone(), 3, 0).chunk_size(chunk);
+            let disks = open_mem(b.to_bytes());
+            let d = &disks[0].1;
+            // Inside the second chunk; in a large one, across a boundary of the pieces hashed.
+            let at = chunk + HASH_PIECE.min(chunk / 2) - 100;
+            assert_eq!(read_at(d, at, 300).unwrap(), data[at as usize..at as usize + 300]);
+            assert!(d.is_verified(1));
+            assert_eq!(d.recent.len(), kept as usize, "chunk of {chunk} bytes");
+            assert!(d.recent.bytes() <= RECENT_BYTES);
+            // A verified chunk is read directly afterwards.
+            let at = 2 * chunk - 5000;
+            assert_eq!(read_at(d, at, 5000).unwrap(), data[at as usize..at as usize + 5000]);
+        }
+    }
+
+    #[test]
+    fn a_corrupted_large_chunk_is_caught_by_the_piecewise_hash() {
+        let chunk = 8u64 << 20;
+        let data = pattern(6, (2 * chunk) as usize);
+        let mut b = XvaBuilder::xapi("vm");
+        b.disk("d", data, 3, 0).chunk_size(chunk);
+        let mut bytes = b.to_bytes();
+        // The second chunk's data: flip a byte near its end, far from the part read.
+        let name = b"Ref:3/00000001\0";
+        let hdr = bytes.windows(name.len()).position(|w| w == name).unwrap();
+        bytes[hdr + 512 + (chunk as usize) - 10] ^= 0xff;
+        let disks = open_mem(bytes);
+        let e = read_at(&disks[0].1, chunk + 10, 100).unwrap_err();
+        assert!(e.to_string().contains("Ref:3/00000001: XXH64 (.xxhash) checksum mismatch"), "{e}");
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(disks[0].1.recent.is_empty());
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use super::Error;
 use super::compressed::{self, Codec};
-use super::restart::{Recorder, RestartPoint, WindowStore};
+use super::restart::{MAX_STORED_WINDOW, Recorder, RestartPoint, WindowStore};
 use super::tar::{self, End, Input, Member};
 use crate::error::{Error as CrateError, Result};
 use crate::progress::Progress;
@@ -286,7 +286,7 @@ fn decode(r: &mut FieldReader, id: &FileId) -> Option<Index> {
     for _ in 0..n {
         let (out, inp, bits, ms) = (r.u64()?, r.u64()?, r.u8()?, r.u8()?);
         let (win_off, win_len) = (r.u64()?, r.u64()?);
-        let win_len = u32::try_from(win_len).ok()?;
+        let win_len = u32::try_from(win_len).ok().filter(|&l| l <= MAX_STORED_WINDOW)?;
         points.push(RestartPoint { out, inp, bits, member_start: ms == 1, win_off, win_len });
     }
     let windows = WindowStore::Mem(Vec::new());

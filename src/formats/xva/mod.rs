@@ -19,11 +19,17 @@
 //! A chunk's checksum is verified the first time any part of it is read and remembered; a
 //! mismatch gives EIO and a log line naming the archive and the member (`--no-verify` skips).
 //!
+//! Memory is bounded whatever the archive claims: `ova.xml` at [`MAX_OVA_XML`], a disk's
+//! `virtual_size` at [`MAX_VIRTUAL_SIZE`], the chunk size at [`chunks::MAX_UNIT`], verified
+//! chunks kept per disk at [`disk::RECENT_BYTES`] (a chunk larger than [`disk::MAX_KEPT_CHUNK`]
+//! is verified piece by piece and never held whole), decoded blocks per compressed archive at
+//! [`compressed::MEM_CACHE_BYTES`].
+//!
 //! Refused, each with one line naming the archive and the member ([`Error`] and the enums of
 //! the files named): a truncated tar, a header checksum mismatch, a missing or malformed
 //! `ova.xml`, the pre-tar "appliance" layout, a chunk outside every exported VDI's directory,
 //! chunk numbers going backwards, a chunk longer than the chunk size or reaching past
-//! `virtual_size`, a missing or garbage checksum member, a
+//! `virtual_size`, a `virtual_size` over 64 TiB, a missing or garbage checksum member, a
 //! compressed stream that ends early or fails its CRC, a disk VDI with no data in the archive.
 
 pub mod chunks;
@@ -52,6 +58,9 @@ use crate::source::{Location, Source};
 
 /// Bound on the size of `ova.xml` read into memory.
 pub const MAX_OVA_XML: u64 = 64 << 20;
+/// The largest `virtual_size` accepted, as for VMDK and VHDX. xapi's own limit is lower (2 TiB
+/// for VHD-based storage); this one keeps a whole-disk scan to 64 Ki steps of 1 GiB.
+pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 /// Default bound of the on-disk block cache for streams without restart points.
 pub const DEFAULT_BLOCK_CACHE: u64 = 4 << 30;
 
@@ -82,6 +91,8 @@ pub enum Error {
     OvaXml(#[source] OvaXmlError),
     #[error("ova.xml: an <appliance> description of the old pre-tar XVA layout (XenServer < 4.1); not supported")]
     Appliance,
+    #[error("ova.xml: VDI {vdi} has virtual_size {size:#x}, over the {} TiB vdiskfs supports", MAX_VIRTUAL_SIZE >> 40)]
+    VirtualSizeTooLarge { vdi: String, size: u64 },
     /// `member` is the disk's last chunk (or its directory when it has none).
     #[error(
         "{member}: truncated: the archive stops after this chunk without tar's end-of-archive blocks, and the disk's data ends at {data_end:#x} of its virtual_size {virtual_size:#x}"
@@ -107,6 +118,8 @@ pub enum Error {
     IndexWindowRange { off: u64, len: u32 },
     #[error("index window is damaged")]
     IndexWindowDamaged(#[source] std::io::Error),
+    #[error("index window at {off:#x} is longer than the 32 KiB deflate window")]
+    IndexWindowTooLong { off: u64 },
     /// The compressed stream fails after the tar's end-of-archive blocks.
     #[error("after the end of the tar archive")]
     AfterTar(#[source] CrateError),
@@ -115,7 +128,11 @@ pub enum Error {
 impl ErrorKind for Error {
     fn kind(&self) -> Kind {
         match self {
-            Error::NotXva | Error::XmlNotXva | Error::PreTarLayout { .. } | Error::Appliance => Kind::Unsupported,
+            Error::NotXva
+            | Error::XmlNotXva
+            | Error::PreTarLayout { .. }
+            | Error::Appliance
+            | Error::VirtualSizeTooLarge { .. } => Kind::Unsupported,
             Error::NoDisks => Kind::NotFound,
             Error::AfterTar(e) => e.kind(),
             Error::OvaXmlNotFirst { .. }
@@ -128,7 +145,8 @@ impl ErrorKind for Error {
             | Error::ChecksumMismatch { .. }
             | Error::StreamEndsEarly { .. }
             | Error::IndexWindowRange { .. }
-            | Error::IndexWindowDamaged(_) => Kind::Corrupt,
+            | Error::IndexWindowDamaged(_)
+            | Error::IndexWindowTooLong { .. } => Kind::Corrupt,
         }
     }
 }
@@ -270,6 +288,9 @@ fn read_ova_xml(members: &[tar::Member]) -> Result<Export> {
         OvaXmlError::Appliance => Error::Appliance,
         e => Error::OvaXml(e),
     })?;
+    if let Some(v) = export.vdis.iter().find(|v| v.virtual_size > MAX_VIRTUAL_SIZE) {
+        return Err(Error::VirtualSizeTooLarge { vdi: v.id.clone(), size: v.virtual_size }.into());
+    }
     Ok(export)
 }
 
@@ -358,6 +379,32 @@ mod tests {
         let names: Vec<String> = open_mem(b.to_bytes()).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["disk.raw", "data_2.raw", "data_2-2.raw"]);
         assert_eq!(sanitize(".."), "disk");
+    }
+
+    /// A plain tar of `members` as xapi writes it, with the end-of-archive blocks.
+    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, d) in members {
+            out.extend_from_slice(&testkit::xva::header(n, d.len() as u64, testkit::xva::Dialect::Xapi));
+            out.extend_from_slice(d);
+            out.resize(out.len().next_multiple_of(512), 0);
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    #[test]
+    fn a_virtual_size_over_64_tib_is_refused_before_anything_is_sized_by_it() {
+        let mut b = XvaBuilder::xapi("vm");
+        b.disk("d", vec![1u8; 4096], 3, 0);
+        let xml = b.ova_xml();
+        let needle = "<name>virtual_size</name><value>4096</value>";
+        assert!(xml.contains(needle), "{xml}");
+        let huge = xml.replace(needle, &format!("<name>virtual_size</name><value>{}</value>", u64::MAX));
+        let e = open_err(tar_of(&[("ova.xml", huge.as_bytes())]));
+        assert_eq!(e.kind(), Kind::Unsupported);
+        assert!(e.to_string().starts_with("vm.xva: ova.xml: VDI Ref:3 has virtual_size 0xffffffffffffffff"), "{e}");
+        assert!(e.to_string().contains("64 TiB"), "{e}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //!
 //! The index pass records them ([`Recorder`], fed by `gzip.rs` and `zstd.rs`); the index file
 //! keeps them (`index.rs`); a read starts a decoder at the nearest one (`compressed.rs`).
-//! Windows are stored deflated, in memory or in the index file ([`WindowStore`]).
+//! Windows are stored deflated, in memory or in the index file ([`WindowStore`]). They come back
+//! from a file vdiskfs wrote, but are still bounded when read: a deflated window longer than
+//! [`MAX_STORED_WINDOW`] or inflating to more than the 32 KiB window is a damaged index.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -12,6 +14,9 @@ use std::os::unix::fs::FileExt;
 use super::Error;
 use super::gzip::WINDOW;
 use crate::error::{Error as CrateError, Result};
+
+/// Largest deflated window accepted (deflate's worst case for 32 KiB is a few bytes over it).
+pub const MAX_STORED_WINDOW: u32 = 64 << 10;
 
 /// A place where decoding can start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -43,6 +48,9 @@ pub enum WindowStore {
 
 impl WindowStore {
     fn read(&self, off: u64, len: u32) -> Result<Vec<u8>> {
+        if len > MAX_STORED_WINDOW {
+            return Err(Error::IndexWindowRange { off, len }.into());
+        }
         let mut v = vec![0u8; len as usize];
         match self {
             WindowStore::Mem(m) => {
@@ -61,7 +69,13 @@ impl WindowStore {
         }
         let z = self.read(p.win_off, p.win_len)?;
         let mut out = Vec::with_capacity(WINDOW);
-        flate2::read::DeflateDecoder::new(&z[..]).read_to_end(&mut out).map_err(Error::IndexWindowDamaged)?;
+        flate2::read::DeflateDecoder::new(&z[..])
+            .take(WINDOW as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(Error::IndexWindowDamaged)?;
+        if out.len() > WINDOW {
+            return Err(Error::IndexWindowTooLong { off: p.win_off }.into());
+        }
         Ok(out)
     }
 }
@@ -123,7 +137,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn windows_round_trip_and_out_of_range_ones_are_refused() {
+    fn windows_round_trip_and_damaged_ones_are_refused() {
         let mut r = Recorder::memory();
         let w: Vec<u8> = (0..WINDOW).map(|i| (i * 7 % 251) as u8).collect();
         r.point(RestartPoint::new(1 << 20, 4096, 3, false), &w).unwrap();
@@ -131,5 +145,13 @@ mod tests {
         assert_eq!(r.window(&p).unwrap(), w);
         let past = RestartPoint { win_off: r.windows_len(), ..p };
         assert!(r.window(&past).unwrap_err().to_string().contains("out of range"));
+        let huge = RestartPoint { win_len: MAX_STORED_WINDOW + 1, ..p };
+        assert!(r.window(&huge).is_err());
+        // A window that inflates to more than 32 KiB.
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&vec![0u8; 4 * WINDOW]).unwrap();
+        let z = e.finish().unwrap();
+        let bomb = RestartPoint { win_off: 0, win_len: z.len() as u32, ..p };
+        assert!(WindowStore::Mem(z).window(&bomb).unwrap_err().to_string().contains("longer"));
     }
 }
