@@ -32,6 +32,7 @@ use super::restart::{Recorder, RestartPoint, WindowStore};
 use super::zstd::ZstdDecoder;
 use crate::cache::ByteCache;
 use crate::error::{Error as CrateError, Result};
+use crate::gate::create_private_file;
 use crate::source::Source;
 
 /// How the archive is stored.
@@ -421,14 +422,17 @@ impl FileBlockCache {
     fn new(dir: Option<&Path>, bytes: u64) -> Result<Self> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let dir = dir.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
-        std::fs::create_dir_all(&dir).map_err(|e| CrateError::io(format!("creating {}", dir.display()), e))?;
-        let path = dir.join(format!(".xva-blocks-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| CrateError::io(format!("creating the block cache {}", path.display()), e))?;
+        // A name already taken (a stale file, something planted) moves on to the next one.
+        let mut attempts = 0;
+        let (file, path) = loop {
+            let name = format!(".xva-blocks-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+            let path = dir.join(&name);
+            match create_private_file(&dir, &name) {
+                Ok(f) => break (f, path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
+                Err(e) => return Err(CrateError::io(format!("creating the block cache {}", path.display()), e)),
+            }
+        };
         let _ = std::fs::remove_file(&path); // lives until closed, even after a crash
         let slots = (bytes / BLOCK).clamp(8, u32::MAX as u64) as u32;
         log::info!("block cache of {} MiB in {}", (slots as u64 * BLOCK) >> 20, dir.display());
