@@ -13,6 +13,10 @@
 //! - **file type**: only regular files, and block devices where the chain's own top is a block
 //!   device or the user passed `--allow-devices`; checked before anything is read and without
 //!   blocking (see [`LocalSource::open`]).
+//!
+//! The files vdiskfs writes for itself in its cache directory (XVA indexes, block caches) are
+//! created here too ([`create_private_file`]): new, private, and never through a name someone
+//! else placed in that directory.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -198,6 +202,40 @@ impl Gate {
     }
 }
 
+/// Creates a new file `name` in `dir`, a directory vdiskfs keeps its own files in (indexes,
+/// block caches), for reading and writing: `O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600. `dir` and
+/// any missing parents are created with mode 0700. Whatever is already at the name, a symlink
+/// planted in a shared cache directory included, makes this fail (`EEXIST`), so nothing is ever
+/// written through a name someone else chose; the caller picks another name or does without.
+pub fn create_private_file(dir: &Path, name: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    check_private_name(name)?;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir.join(name))
+}
+
+/// Opens `name` in `dir` (see [`create_private_file`]) for reading, without following a symlink
+/// at that name (`ELOOP`).
+pub fn open_private_file(dir: &Path, name: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    check_private_name(name)?;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dir.join(name))
+}
+
+/// A private file's name is one path component.
+fn check_private_name(name: &str) -> std::io::Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{name:?} is not a file name")));
+    }
+    Ok(())
+}
+
 /// `/dev/dm-N`: where LVM's `/dev/VG/LV` and `/dev/mapper/*` names lead.
 fn is_device_mapper_node(p: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
@@ -281,5 +319,28 @@ mod tests {
         let e = open("outside.vhd").unwrap_err();
         assert!(e.to_string().contains("symbolic link") && e.kind() == Kind::Denied, "{e}");
         assert!(open("missing.vhd").unwrap().is_none());
+    }
+
+    #[test]
+    fn private_files_are_created_new_and_never_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("cache/sub");
+        let f = create_private_file(&dir, "a").unwrap();
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(create_private_file(&dir, "a").unwrap_err().kind(), std::io::ErrorKind::AlreadyExists);
+        // A symlink planted at the name, to an existing file and to a missing one.
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("planted")).unwrap();
+        std::os::unix::fs::symlink(t.path().join("missing"), dir.join("dangling")).unwrap();
+        assert!(create_private_file(&dir, "planted").is_err());
+        assert!(create_private_file(&dir, "dangling").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        assert!(!t.path().join("missing").exists(), "a dangling symlink's target is not created");
+        assert!(open_private_file(&dir, "planted").is_err(), "reading does not follow it either");
+        assert!(open_private_file(&dir, "a").is_ok());
+        assert!(create_private_file(&dir, "../escape").is_err());
     }
 }

@@ -74,7 +74,7 @@ pub fn detect(src: &dyn Source) -> Result<Format> {
     if vhd::detect(&head, &tail) {
         return Ok(Format::Vhd);
     }
-    if head.starts_with(&[0x1f, 0x8b]) || xva::stream::is_zstd(&head) || is_tar(&head) {
+    if head.starts_with(&[0x1f, 0x8b]) || xva::compressed::is_zstd(&head) || is_tar(&head) {
         return Ok(Format::Xva);
     }
     // An old pre-tar XVA's ova.xml: the XVA module says what it is and that it is not supported.

@@ -238,7 +238,7 @@ fn compressed_exports_read_randomly_and_sequentially_without_a_copy() {
     let p = t.path();
     let disk = sparse_disk(40 * MIB, 5);
     let mut disk = disk;
-    // More than stream::LONG (32 MiB) of chunk data, so a single zstd frame needs the block cache.
+    // More than compressed::LONG (32 MiB) of chunk data, so a single zstd frame needs the block cache.
     disk[(6 * MIB) as usize..(38 * MIB) as usize].copy_from_slice(&pattern(77, (32 * MIB) as usize));
     let mut b = XvaBuilder::xapi("vm");
     b.disk("disk0", disk.clone(), 3, 0).keepalive(0, 21);

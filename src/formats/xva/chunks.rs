@@ -7,67 +7,166 @@
 //! chunk after it sits one number "early". Each chunk is followed by `<chunk>.checksum` (SHA-1,
 //! 40 hex) or `<chunk>.xxhash` (XXH64, 16 hex); the importer picks the algorithm from the
 //! extension, and so does this module.
+//!
+//! xapi writes 1 MiB chunks; a chunk size over [`MAX_UNIT`] (1 GiB) is refused. Readers never
+//! hold a whole chunk of that size: see `disk.rs`.
 
 use sha1::{Digest, Sha1};
 
-use super::Error;
 use super::tar::Member;
+use crate::error::{ErrorKind, Kind};
 
 /// A chunk's stored checksum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sum {
+pub enum ChunkChecksum {
     Sha1([u8; 20]),
     Xxh64(u64),
 }
 
-impl Sum {
+/// Why a checksum member's text is not a checksum.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChecksumError {
+    #[error("not text")]
+    NotText,
+    /// `shown` is the start of the text, quoted.
+    #[error("is not a SHA-1 digest (40 hex digits): {shown}")]
+    NotSha1 { shown: String },
+    #[error("is not an XXH64 hash (16 hex digits): {shown}")]
+    NotXxh64 { shown: String },
+    #[error("unknown checksum type .{ext}")]
+    UnknownType { ext: String },
+}
+
+impl ChunkChecksum {
     /// Parses the content of a `.checksum` or `.xxhash` member.
-    pub fn parse(ext: &str, content: &[u8]) -> Result<Sum, String> {
-        let text = std::str::from_utf8(content).map_err(|_| "not text".to_string())?.trim_end();
+    pub fn parse(ext: &str, content: &[u8]) -> Result<ChunkChecksum, ChecksumError> {
+        let text = std::str::from_utf8(content).map_err(|_| ChecksumError::NotText)?.trim_end();
         let hex_ok = |n: usize| text.len() == n && text.bytes().all(|c| c.is_ascii_hexdigit());
         let shown = || format!("{:?}", text.chars().take(48).collect::<String>());
         match ext {
             "checksum" => {
+                let bad = || ChecksumError::NotSha1 { shown: shown() };
                 if !hex_ok(40) {
-                    return Err(format!("is not a SHA-1 digest (40 hex digits): {}", shown()));
+                    return Err(bad());
                 }
                 let mut d = [0u8; 20];
                 for (i, b) in d.iter_mut().enumerate() {
-                    *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+                    *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
                 }
-                Ok(Sum::Sha1(d))
+                Ok(ChunkChecksum::Sha1(d))
             }
             "xxhash" => {
+                let bad = || ChecksumError::NotXxh64 { shown: shown() };
                 if !hex_ok(16) {
-                    return Err(format!("is not an XXH64 hash (16 hex digits): {}", shown()));
+                    return Err(bad());
                 }
-                Ok(Sum::Xxh64(u64::from_str_radix(text, 16).map_err(|e| e.to_string())?))
+                Ok(ChunkChecksum::Xxh64(u64::from_str_radix(text, 16).map_err(|_| bad())?))
             }
-            _ => Err(format!("unknown checksum type .{ext}")),
+            _ => Err(ChecksumError::UnknownType { ext: ext.to_string() }),
         }
     }
 
     /// The same kind of checksum computed over `data`.
-    pub fn compute(&self, data: &[u8]) -> Sum {
+    pub fn compute(&self, data: &[u8]) -> ChunkChecksum {
+        let mut h = self.hasher();
+        h.update(data);
+        h.finish()
+    }
+
+    /// A hasher of the same kind, for data that comes in pieces.
+    pub fn hasher(&self) -> ChunkHasher {
         match self {
-            Sum::Sha1(_) => Sum::Sha1(Sha1::digest(data).into()),
-            Sum::Xxh64(_) => Sum::Xxh64(xxhash_rust::xxh64::xxh64(data, 0)),
+            ChunkChecksum::Sha1(_) => ChunkHasher::Sha1(Sha1::new()),
+            ChunkChecksum::Xxh64(_) => ChunkHasher::Xxh64(xxhash_rust::xxh64::Xxh64::new(0)),
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
-            Sum::Sha1(_) => "SHA-1 (.checksum)",
-            Sum::Xxh64(_) => "XXH64 (.xxhash)",
+            ChunkChecksum::Sha1(_) => "SHA-1 (.checksum)",
+            ChunkChecksum::Xxh64(_) => "XXH64 (.xxhash)",
         }
     }
 }
 
-impl std::fmt::Display for Sum {
+impl std::fmt::Display for ChunkChecksum {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Sum::Sha1(d) => d.iter().try_for_each(|b| write!(f, "{b:02x}")),
-            Sum::Xxh64(h) => write!(f, "{h:016X}"),
+            ChunkChecksum::Sha1(d) => d.iter().try_for_each(|b| write!(f, "{b:02x}")),
+            ChunkChecksum::Xxh64(h) => write!(f, "{h:016X}"),
+        }
+    }
+}
+
+/// A chunk's checksum computed piece by piece.
+pub enum ChunkHasher {
+    Sha1(Sha1),
+    Xxh64(xxhash_rust::xxh64::Xxh64),
+}
+
+impl ChunkHasher {
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            ChunkHasher::Sha1(h) => h.update(data),
+            ChunkHasher::Xxh64(h) => h.update(data),
+        }
+    }
+    pub fn finish(self) -> ChunkChecksum {
+        match self {
+            ChunkHasher::Sha1(h) => ChunkChecksum::Sha1(h.finalize().into()),
+            ChunkHasher::Xxh64(h) => ChunkChecksum::Xxh64(h.digest()),
+        }
+    }
+}
+
+/// What is wrong with the chunk members of an archive; each names the member.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    #[error("{member}: member outside every disk's directory (ova.xml lists {listed})")]
+    Outside { member: String, listed: String },
+    #[error("{member}: {dir}'s chunks resume after another disk's (each disk's chunks must be contiguous)")]
+    NotContiguous { member: String, dir: String },
+    #[error("{member}: chunk number too large")]
+    NumberTooLarge { member: String },
+    #[error("{member}: chunk numbers go backwards (after {after})")]
+    Backwards { member: String, after: String },
+    #[error("{member}: neither a chunk nor a chunk's checksum")]
+    NotAChunk { member: String },
+    #[error("{member}: no checksum member follows this chunk")]
+    NoChecksum { member: String },
+    #[error("{member}: checksum member does not follow its chunk {chunk}")]
+    ChecksumAstray { member: String, chunk: String },
+    #[error("{member}: checksum member of {size} bytes (garbage)")]
+    ChecksumTooLarge { member: String, size: u64 },
+    #[error("{member}")]
+    BadChecksum {
+        member: String,
+        #[source]
+        source: ChecksumError,
+    },
+    #[error("{dir}/…: chunk size {unit} is over 1 GiB")]
+    ChunkSizeTooLarge { dir: String, unit: u64 },
+    #[error("{member}: chunk of {size} bytes is longer than the chunk size {unit}")]
+    TooLong { member: String, size: u64, unit: u64 },
+    #[error("{member}: chunk ends at {end:#x}, past the disk's virtual_size {virtual_size:#x} (ova.xml)")]
+    PastEnd { member: String, end: u64, virtual_size: u64 },
+}
+
+impl ErrorKind for ChunkError {
+    fn kind(&self) -> Kind {
+        match self {
+            ChunkError::Outside { .. }
+            | ChunkError::NotContiguous { .. }
+            | ChunkError::NumberTooLarge { .. }
+            | ChunkError::Backwards { .. }
+            | ChunkError::NotAChunk { .. }
+            | ChunkError::NoChecksum { .. }
+            | ChunkError::ChecksumAstray { .. }
+            | ChunkError::ChecksumTooLarge { .. }
+            | ChunkError::BadChecksum { .. }
+            | ChunkError::ChunkSizeTooLarge { .. }
+            | ChunkError::TooLong { .. }
+            | ChunkError::PastEnd { .. } => Kind::Corrupt,
         }
     }
 }
@@ -82,7 +181,7 @@ pub struct Chunk {
     pub data: u64,
     /// The number in its file name.
     pub number: u64,
-    pub sum: Option<Sum>,
+    pub sum: Option<ChunkChecksum>,
 }
 
 /// The chunks of one VDI, placed.
@@ -112,102 +211,105 @@ pub struct Layout {
     pub disks: Vec<Placed>,
 }
 
-/// The largest chunk accepted (xapi keeps chunks under 2^30 bytes).
+/// The largest chunk accepted (xapi writes 1 MiB chunks; no writer goes near 2^30 bytes).
 pub const MAX_UNIT: u64 = 1 << 30;
 
+/// A chunk member not yet placed.
 #[derive(Debug)]
-struct Raw {
+struct Unplaced {
     number: u64,
     stem: String,
     offset: u64,
     size: u64,
-    sum: Option<Sum>,
+    sum: Option<ChunkChecksum>,
 }
+
+/// One VDI's chunk members, in archive order.
+type Group = (usize, Vec<Unplaced>);
 
 /// Groups the members after `ova.xml` by VDI directory and places each disk's chunks.
 /// `vdis` are `(id, virtual_size)`; `need_sums` is xapi's `export_vsn > 0`.
-pub fn place(members: &[Member], vdis: &[(String, u64)], need_sums: bool) -> Result<Layout, Error> {
-    let mut groups: Vec<(usize, Vec<Raw>)> = Vec::new();
-    // The chunk still waiting for its checksum member: (group, index).
+pub fn place(members: &[Member], vdis: &[(String, u64)], need_sums: bool) -> Result<Layout, ChunkError> {
+    let groups = group(members, vdis, need_sums)?;
+    let unit = chunk_size(&groups, vdis)?;
+    let disks = groups
+        .into_iter()
+        .map(|(vdi, raws)| place_disk(vdi, raws, unit, &vdis[vdi].0, vdis[vdi].1))
+        .collect::<Result<_, _>>()?;
+    Ok(Layout { unit, disks })
+}
+
+/// Sorts the members into one group per VDI, each chunk with its checksum.
+fn group(members: &[Member], vdis: &[(String, u64)], need_sums: bool) -> Result<Vec<Group>, ChunkError> {
+    let mut groups: Vec<Group> = Vec::new();
+    // The chunk still waiting for its checksum member.
     let mut pending: Option<String> = None;
-    let missing =
-        |name: &str| Error::Member { member: name.to_string(), what: "no checksum member follows this chunk".into() };
+    let missing = |member: String| ChunkError::NoChecksum { member };
     for m in members {
-        let outside = || Error::Member {
+        let outside = || ChunkError::Outside {
             member: m.name.clone(),
-            what: format!(
-                "member outside every disk's directory (ova.xml lists {})",
-                if vdis.is_empty() {
-                    "no VDI".to_string()
-                } else {
-                    vdis.iter().map(|v| v.0.as_str()).collect::<Vec<_>>().join(", ")
-                }
-            ),
+            listed: if vdis.is_empty() {
+                "no VDI".to_string()
+            } else {
+                vdis.iter().map(|v| v.0.as_str()).collect::<Vec<_>>().join(", ")
+            },
         };
         let (dir, file) = m.name.rsplit_once('/').ok_or_else(outside)?;
         let vdi = vdis.iter().position(|v| v.0 == dir).ok_or_else(outside)?;
         if groups.last().is_none_or(|g| g.0 != vdi) {
             if groups.iter().any(|g| g.0 == vdi) {
-                return Err(Error::Member {
-                    member: m.name.clone(),
-                    what: format!("{dir}'s chunks resume after another disk's (each disk's chunks must be contiguous)"),
-                });
+                return Err(ChunkError::NotContiguous { member: m.name.clone(), dir: dir.to_string() });
             }
             if let Some(p) = pending.take().filter(|_| need_sums) {
-                return Err(missing(&p));
+                return Err(missing(p));
             }
             groups.push((vdi, Vec::new()));
         }
         let Some(g) = groups.last_mut() else { unreachable!("pushed above") };
         if !file.is_empty() && file.bytes().all(|c| c.is_ascii_digit()) {
             if let Some(p) = pending.take().filter(|_| need_sums) {
-                return Err(missing(&p));
+                return Err(missing(p));
             }
-            let number: u64 = file
-                .parse()
-                .map_err(|_| Error::Member { member: m.name.clone(), what: "chunk number too large".into() })?;
+            let number: u64 = file.parse().map_err(|_| ChunkError::NumberTooLarge { member: m.name.clone() })?;
             if let Some(last) = g.1.last()
                 && number <= last.number
             {
-                return Err(Error::Member {
-                    member: m.name.clone(),
-                    what: format!("chunk numbers go backwards (after {dir}/{})", last.stem),
-                });
+                let after = format!("{dir}/{}", last.stem);
+                return Err(ChunkError::Backwards { member: m.name.clone(), after });
             }
-            g.1.push(Raw { number, stem: file.to_string(), offset: m.offset, size: m.size, sum: None });
+            g.1.push(Unplaced { number, stem: file.to_string(), offset: m.offset, size: m.size, sum: None });
             pending = Some(m.name.clone());
             continue;
         }
         let (stem, ext) = file.rsplit_once('.').unwrap_or((file, ""));
         if ext != "checksum" && ext != "xxhash" {
-            return Err(Error::Member {
-                member: m.name.clone(),
-                what: "neither a chunk nor a chunk's checksum".into(),
-            });
+            return Err(ChunkError::NotAChunk { member: m.name.clone() });
         }
         match g.1.last_mut() {
             Some(c) if c.stem == stem && pending.as_deref().is_some_and(|p| p.ends_with(&format!("/{stem}"))) => {
-                let content = m.content.as_deref().ok_or_else(|| Error::Member {
-                    member: m.name.clone(),
-                    what: format!("checksum member of {} bytes (garbage)", m.size),
-                })?;
-                c.sum = Some(Sum::parse(ext, content).map_err(|what| Error::Member { member: m.name.clone(), what })?);
+                let content = m
+                    .content
+                    .as_deref()
+                    .ok_or_else(|| ChunkError::ChecksumTooLarge { member: m.name.clone(), size: m.size })?;
+                let sum = ChunkChecksum::parse(ext, content)
+                    .map_err(|source| ChunkError::BadChecksum { member: m.name.clone(), source })?;
+                c.sum = Some(sum);
                 pending = None;
             }
-            _ => {
-                return Err(Error::Member {
-                    member: m.name.clone(),
-                    what: format!("checksum member does not follow its chunk {dir}/{stem}"),
-                });
-            }
+            _ => return Err(ChunkError::ChecksumAstray { member: m.name.clone(), chunk: format!("{dir}/{stem}") }),
         }
     }
     if let Some(p) = pending.filter(|_| need_sums) {
-        return Err(missing(&p));
+        return Err(missing(p));
     }
-    // xapi takes the chunk size from the archive's first chunk; a first disk that fits in one
-    // (shorter) chunk would make that wrong for every later disk, so such disks are passed over.
-    let first_nonempty = |g: &(usize, Vec<Raw>)| g.1.iter().find(|c| c.size > 0).map(|c| c.size);
+    Ok(groups)
+}
+
+/// The chunk size, as xapi takes it: the length of the archive's first chunk. A first disk that
+/// fits in one (shorter) chunk would make that wrong for every later disk, so such disks are
+/// passed over.
+fn chunk_size(groups: &[Group], vdis: &[(String, u64)]) -> Result<u64, ChunkError> {
+    let first_nonempty = |g: &Group| g.1.iter().find(|c| c.size > 0).map(|c| c.size);
     let unit = groups
         .iter()
         .filter(|g| g.1.iter().filter(|c| c.size > 0).count() >= 2)
@@ -215,49 +317,41 @@ pub fn place(members: &[Member], vdis: &[(String, u64)], need_sums: bool) -> Res
         .or_else(|| groups.iter().find_map(first_nonempty))
         .unwrap_or(1 << 20);
     if unit > MAX_UNIT {
-        let g = groups.iter().find(|g| first_nonempty(g).is_some()).map_or("", |g| vdis[g.0].0.as_str());
-        return Err(Error::Member { member: format!("{g}/…"), what: format!("chunk size {unit} is over 1 GiB") });
+        let dir = groups.iter().find(|g| first_nonempty(g).is_some()).map_or("", |g| vdis[g.0].0.as_str());
+        return Err(ChunkError::ChunkSizeTooLarge { dir: dir.to_string(), unit });
     }
-    let mut disks = Vec::with_capacity(groups.len());
-    for (vdi, raws) in groups {
-        let (id, size) = (&vdis[vdi].0, vdis[vdi].1);
-        let mut placed = Placed { vdi, chunks: Vec::with_capacity(raws.len()), keepalives: 0, digits: 8 };
-        placed.digits = raws.first().map_or(8, |r| r.stem.len());
-        let mut offset = 0u64;
-        let mut last: Option<u64> = None;
-        for r in raws {
-            let name = || format!("{id}/{}", r.stem);
-            let gap = r.number - last.map_or(0, |l| l + 1);
-            offset = gap
-                .checked_mul(unit)
-                .and_then(|g| offset.checked_add(g))
-                .ok_or_else(|| Error::Member { member: name(), what: "chunk number too large".into() })?;
-            last = Some(r.number);
-            if r.size > unit {
-                return Err(Error::Member {
-                    member: name(),
-                    what: format!("chunk of {} bytes is longer than the chunk size {unit}", r.size),
-                });
-            }
-            if r.size == 0 {
-                placed.keepalives += 1;
-                continue;
-            }
-            if offset + r.size > size {
-                return Err(Error::Member {
-                    member: name(),
-                    what: format!(
-                        "chunk ends at {:#x}, past the disk's virtual_size {size:#x} (ova.xml)",
-                        offset + r.size
-                    ),
-                });
-            }
-            placed.chunks.push(Chunk { vstart: offset, len: r.size, data: r.offset, number: r.number, sum: r.sum });
-            offset += r.size;
+    Ok(unit)
+}
+
+/// Places the chunks of VDI `vdi` (`id`, `size` bytes) on its disk.
+fn place_disk(vdi: usize, raws: Vec<Unplaced>, unit: u64, id: &str, size: u64) -> Result<Placed, ChunkError> {
+    let digits = raws.first().map_or(8, |r| r.stem.len());
+    let mut placed = Placed { vdi, chunks: Vec::with_capacity(raws.len()), keepalives: 0, digits };
+    let mut offset = 0u64;
+    let mut last: Option<u64> = None;
+    for r in raws {
+        let member = || format!("{id}/{}", r.stem);
+        let gap = r.number - last.map_or(0, |l| l + 1);
+        offset = gap
+            .checked_mul(unit)
+            .and_then(|g| offset.checked_add(g))
+            .ok_or_else(|| ChunkError::NumberTooLarge { member: member() })?;
+        last = Some(r.number);
+        if r.size > unit {
+            return Err(ChunkError::TooLong { member: member(), size: r.size, unit });
         }
-        disks.push(placed);
+        if r.size == 0 {
+            placed.keepalives += 1;
+            continue;
+        }
+        let end = offset.checked_add(r.size).ok_or_else(|| ChunkError::NumberTooLarge { member: member() })?;
+        if end > size {
+            return Err(ChunkError::PastEnd { member: member(), end, virtual_size: size });
+        }
+        placed.chunks.push(Chunk { vstart: offset, len: r.size, data: r.offset, number: r.number, sum: r.sum });
+        offset = end;
     }
-    Ok(Layout { unit, disks })
+    Ok(placed)
 }
 
 #[cfg(test)]
@@ -347,13 +441,26 @@ mod tests {
 
     #[test]
     fn checksum_texts_parse_strictly() {
-        assert_eq!(Sum::parse("xxhash", b"EF46DB3751D8E999").unwrap(), Sum::Xxh64(0xEF46DB3751D8E999));
-        assert_eq!(Sum::Xxh64(0xEF46DB3751D8E999).compute(b""), Sum::Xxh64(0xEF46DB3751D8E999));
-        let s = Sum::parse("checksum", b"da39a3ee5e6b4b0d3255bfef95601890afd80709\n").unwrap();
+        assert_eq!(
+            ChunkChecksum::parse("xxhash", b"EF46DB3751D8E999").unwrap(),
+            ChunkChecksum::Xxh64(0xEF46DB3751D8E999)
+        );
+        assert_eq!(ChunkChecksum::Xxh64(0xEF46DB3751D8E999).compute(b""), ChunkChecksum::Xxh64(0xEF46DB3751D8E999));
+        let s = ChunkChecksum::parse("checksum", b"da39a3ee5e6b4b0d3255bfef95601890afd80709\n").unwrap();
         assert_eq!(s.compute(b""), s);
         assert_eq!(s.to_string(), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
-        assert!(Sum::parse("checksum", b"not hex at all, not hex at all, not hex").unwrap_err().contains("SHA-1"));
-        assert!(Sum::parse("xxhash", b"EF46DB37").unwrap_err().contains("16 hex"));
+        let e = ChunkChecksum::parse("checksum", b"not hex at all, not hex at all, not hex").unwrap_err();
+        assert!(e.to_string().contains("SHA-1"), "{e}");
+        let e = ChunkChecksum::parse("xxhash", b"EF46DB37").unwrap_err();
+        assert!(e.to_string().contains("16 hex"), "{e}");
+        assert_eq!(ChunkChecksum::parse("md5", b"x"), Err(ChecksumError::UnknownType { ext: "md5".into() }));
+        // Hashing in pieces gives what hashing at once does.
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        for sum in [s, ChunkChecksum::Xxh64(0)] {
+            let mut h = sum.hasher();
+            data.chunks(7777).for_each(|p| h.update(p));
+            assert_eq!(h.finish(), sum.compute(&data));
+        }
     }
 
     #[test]

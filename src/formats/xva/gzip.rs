@@ -14,9 +14,88 @@ use std::sync::Arc;
 
 use libz_sys as z;
 
-use super::stream::{Cursor, Point, Recorder};
-use crate::error::{Error, Result};
+use super::compressed::ForwardDecoder;
+use super::restart::{Recorder, RestartPoint};
+use crate::error::{ErrorKind, Kind, Result};
 use crate::source::Source;
+
+/// What can be wrong with a gzip stream.
+#[derive(Debug, thiserror::Error)]
+pub enum GzipError {
+    #[error("zlib inflateInit2 failed ({0})")]
+    Init(c_int),
+    #[error("cannot restart inflate at an index point ({prime}, {dictionary})")]
+    Restart { prime: c_int, dictionary: c_int },
+    #[error("not a gzip stream")]
+    NotGzip(#[source] GzipHeaderError),
+    #[error("data after gzip member {members} at {at:#x} is not another member")]
+    NotAMember {
+        members: u64,
+        at: u64,
+        #[source]
+        source: GzipHeaderError,
+    },
+    #[error("gzip data error at about {at:#x}")]
+    Data {
+        at: u64,
+        #[source]
+        source: ZlibError,
+    },
+    #[error(
+        "gzip stream ends early: the file ends at {len:#x} inside a compressed member (decompressed {out:#x} bytes so far)"
+    )]
+    EndsEarly { len: u64, out: u64 },
+    #[error(
+        "gzip member {member} ending at {at:#x}: CRC-32/length trailer mismatch (stored {stored_crc:08x}/{stored_len}, computed {crc:08x}/{len})"
+    )]
+    Trailer { member: u64, at: u64, stored_crc: u32, stored_len: u32, crc: u32, len: u32 },
+    #[error("gzip stream stalls at {0:#x}")]
+    Stalls(u64),
+}
+
+impl ErrorKind for GzipError {
+    fn kind(&self) -> Kind {
+        match self {
+            GzipError::Init(_) => Kind::Io,
+            GzipError::Restart { .. }
+            | GzipError::NotGzip(_)
+            | GzipError::NotAMember { .. }
+            | GzipError::Data { .. }
+            | GzipError::EndsEarly { .. }
+            | GzipError::Trailer { .. }
+            | GzipError::Stalls(_) => Kind::Corrupt,
+        }
+    }
+}
+
+/// Why bytes are not a gzip member header (RFC 1952 section 2.3).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GzipHeaderError {
+    #[error("no gzip magic")]
+    NoMagic,
+    #[error("compression method {0} is not deflate")]
+    Method(u8),
+    #[error("gzip header runs past the end of the file")]
+    Short,
+}
+
+/// What zlib said when it refused the data: its message, else its return code.
+#[derive(Debug)]
+pub struct ZlibError {
+    code: c_int,
+    msg: Option<String>,
+}
+
+impl std::fmt::Display for ZlibError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.msg {
+            Some(m) => f.write_str(m),
+            None => write!(f, "inflate error {}", self.code),
+        }
+    }
+}
+
+impl std::error::Error for ZlibError {}
 
 /// Output bytes between restart points.
 pub const SPAN: u64 = 4 << 20;
@@ -70,7 +149,7 @@ impl RawInflate {
         let r =
             unsafe { z::inflateInit2_(&mut *s, -15, z::zlibVersion(), std::mem::size_of::<z::z_stream>() as c_int) };
         if r != z::Z_OK {
-            return Err(Error::corrupt(format!("zlib inflateInit2 failed ({r})")));
+            return Err(GzipError::Init(r).into());
         }
         Ok(RawInflate { s })
     }
@@ -95,13 +174,18 @@ impl RawInflate {
             (a, b)
         };
         if a != z::Z_OK || b != z::Z_OK {
-            return Err(Error::corrupt(format!("cannot restart inflate at an index point ({a}, {b})")));
+            return Err(GzipError::Restart { prime: a, dictionary: b }.into());
         }
         Ok(())
     }
 
     /// Inflates; returns (consumed, produced, end of deflate stream).
-    fn run(&mut self, input: &[u8], out: &mut [u8], flush: c_int) -> std::result::Result<(usize, usize, bool), String> {
+    fn run(
+        &mut self,
+        input: &[u8],
+        out: &mut [u8],
+        flush: c_int,
+    ) -> std::result::Result<(usize, usize, bool), ZlibError> {
         let s = &mut *self.s;
         s.next_in = input.as_ptr() as *mut u8;
         s.avail_in = input.len().min(u32::MAX as usize) as z::uInt;
@@ -118,13 +202,11 @@ impl RawInflate {
             z::Z_OK | z::Z_BUF_ERROR => Ok((consumed, produced, false)),
             z::Z_STREAM_END => Ok((consumed, produced, true)),
             _ => {
-                let msg = if s.msg.is_null() {
-                    format!("inflate error {r}")
-                } else {
+                let msg = (!s.msg.is_null()).then(|| {
                     // SAFETY: zlib's messages are static NUL-terminated strings.
                     unsafe { std::ffi::CStr::from_ptr(s.msg) }.to_string_lossy().into_owned()
-                };
-                Err(msg)
+                });
+                Err(ZlibError { code: r, msg })
             }
         }
     }
@@ -136,23 +218,23 @@ fn crc32(crc: u32, data: &[u8]) -> u32 {
 }
 
 /// Length of the gzip member header at the start of `b`, or why it is not one.
-pub fn header_len(b: &[u8]) -> std::result::Result<usize, String> {
+pub fn header_len(b: &[u8]) -> std::result::Result<usize, GzipHeaderError> {
     if b.len() < 10 || b[0] != 0x1f || b[1] != 0x8b {
-        return Err("no gzip magic".into());
+        return Err(GzipHeaderError::NoMagic);
     }
     if b[2] != 8 {
-        return Err(format!("compression method {} is not deflate", b[2]));
+        return Err(GzipHeaderError::Method(b[2]));
     }
     let flg = b[3];
     let mut i = 10;
-    let short = || "gzip header runs past the end of the file".to_string();
+    let short = GzipHeaderError::Short;
     if flg & 4 != 0 {
-        let xlen = u16::from_le_bytes([*b.get(i).ok_or_else(short)?, *b.get(i + 1).ok_or_else(short)?]) as usize;
-        i += 2 + xlen;
+        let xlen = u16::from_le_bytes([*b.get(i).ok_or(short.clone())?, *b.get(i + 1).ok_or(short.clone())?]);
+        i += 2 + xlen as usize;
     }
     for bit in [8u8, 16] {
         if flg & bit != 0 {
-            let z = b.get(i..).and_then(|r| r.iter().position(|&c| c == 0)).ok_or_else(short)?;
+            let z = b.get(i..).and_then(|r| r.iter().position(|&c| c == 0)).ok_or(short.clone())?;
             i += z + 1;
         }
     }
@@ -160,7 +242,7 @@ pub fn header_len(b: &[u8]) -> std::result::Result<usize, String> {
         i += 2;
     }
     if i > b.len() {
-        return Err(short());
+        return Err(short);
     }
     Ok(i)
 }
@@ -174,7 +256,7 @@ enum State {
 }
 
 /// A forward gzip decoder over a source: the indexing pass (with a [`Recorder`]) and the
-/// cursors that serve reads (started at a restart point).
+/// decoders that serve reads (started at a restart point).
 pub struct GzDecoder {
     src: Arc<dyn Source>,
     len: u64,
@@ -207,7 +289,7 @@ impl GzDecoder {
     }
 
     /// A decoder positioned at restart point `p`, whose window is `window`.
-    pub fn at(src: Arc<dyn Source>, p: &Point, window: &[u8]) -> Result<Self> {
+    pub fn at(src: Arc<dyn Source>, p: &RestartPoint, window: &[u8]) -> Result<Self> {
         let len = src.len()?;
         let mut d = Self::blank(src, len)?;
         d.out_pos = p.out;
@@ -266,11 +348,8 @@ impl GzDecoder {
         Ok(n)
     }
 
-    fn early_end(&self) -> Error {
-        Error::corrupt(format!(
-            "gzip stream ends early: the file ends at {:#x} inside a compressed member (decompressed {:#x} bytes so far)",
-            self.len, self.out_pos
-        ))
+    fn early_end(&self) -> GzipError {
+        GzipError::EndsEarly { len: self.len, out: self.out_pos }
     }
 
     fn start_member(&mut self) -> Result<bool> {
@@ -285,13 +364,8 @@ impl GzDecoder {
             Err(_) if self.members > 0 && head.iter().all(|&b| b == 0) && at + n as u64 == self.len => {
                 return Ok(false); // zero padding after the last member
             }
-            Err(e) => {
-                return Err(Error::corrupt(if self.members == 0 {
-                    format!("not a gzip stream: {e}")
-                } else {
-                    format!("data after gzip member {} at {at:#x} is not another member: {e}", self.members)
-                }));
-            }
+            Err(e) if self.members == 0 => return Err(GzipError::NotGzip(e).into()),
+            Err(source) => return Err(GzipError::NotAMember { members: self.members, at, source }.into()),
         };
         self.in_start = at + hl as u64;
         self.in_pos = 0;
@@ -302,7 +376,7 @@ impl GzDecoder {
         self.member_out_start = self.out_pos;
         self.members += 1;
         if let Some(r) = self.rec.as_mut() {
-            r.point(Point::new(self.out_pos, at, 0, true), &[])?;
+            r.point(RestartPoint::new(self.out_pos, at, 0, true), &[])?;
         }
         Ok(true)
     }
@@ -311,17 +385,16 @@ impl GzDecoder {
         let at = self.cpos();
         let mut t = [0u8; 8];
         if at + 8 > self.len {
-            return Err(self.early_end());
+            return Err(self.early_end().into());
         }
         self.src.read_exact_at(&mut t, at)?;
         if self.check {
             let crc = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
             let isize = u32::from_le_bytes([t[4], t[5], t[6], t[7]]);
             if crc != self.crc || isize != self.member_len as u32 {
-                return Err(Error::corrupt(format!(
-                    "gzip member {} ending at {at:#x}: CRC-32/length trailer mismatch (stored {crc:08x}/{isize}, computed {:08x}/{})",
-                    self.members, self.crc, self.member_len as u32
-                )));
+                let (member, crc_now, len) = (self.members, self.crc, self.member_len as u32);
+                let e = GzipError::Trailer { member, at, stored_crc: crc, stored_len: isize, crc: crc_now, len };
+                return Err(e.into());
             }
         }
         self.in_start = at + 8;
@@ -333,14 +406,14 @@ impl GzDecoder {
     fn body(&mut self, out: &mut [u8]) -> Result<usize> {
         loop {
             if self.in_pos == self.in_len && self.refill()? == 0 {
-                return Err(self.early_end());
+                return Err(self.early_end().into());
             }
             let want_point = self.rec.as_ref().is_some_and(|r| self.out_pos - r.last_out() >= SPAN);
             let flush = if want_point { z::Z_BLOCK } else { z::Z_NO_FLUSH };
             let (c, p, end) = self
                 .inf
                 .run(&self.inbuf[self.in_pos..self.in_len], out, flush)
-                .map_err(|m| Error::corrupt(format!("gzip data error at about {:#x}: {m}", self.cpos())))?;
+                .map_err(|source| GzipError::Data { at: self.cpos(), source })?;
             self.in_pos += c;
             let produced = &out[..p];
             self.out_pos += p as u64;
@@ -357,7 +430,7 @@ impl GzDecoder {
                 if want_point && dt & 128 != 0 && dt & 64 == 0 && !end {
                     let avail = (self.out_pos - self.member_out_start).min(WINDOW as u64) as usize;
                     let w = &self.hist[self.hist.len() - avail..];
-                    let p = Point::new(self.out_pos, self.in_start + self.in_pos as u64, (dt & 7) as u8, false);
+                    let p = RestartPoint::new(self.out_pos, self.in_start + self.in_pos as u64, (dt & 7) as u8, false);
                     rec.point(p, w)?;
                 }
             }
@@ -369,13 +442,13 @@ impl GzDecoder {
                 return Ok(p);
             }
             if c == 0 && self.in_pos < self.in_len {
-                return Err(Error::corrupt(format!("gzip stream stalls at {:#x}", self.cpos())));
+                return Err(GzipError::Stalls(self.cpos()).into());
             }
         }
     }
 }
 
-impl Cursor for GzDecoder {
+impl ForwardDecoder for GzDecoder {
     fn pos(&self) -> u64 {
         self.out_pos
     }
@@ -384,7 +457,7 @@ impl Cursor for GzDecoder {
         self.cpos()
     }
 
-    fn read(&mut self, out: &mut [u8]) -> Result<usize> {
+    fn decode(&mut self, out: &mut [u8]) -> Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
@@ -432,7 +505,9 @@ mod tests {
         let mut h = vec![0x1f, 0x8b, 8, 8, 0, 0, 0, 0, 0, 3];
         h.extend(b"vm.xva\0");
         assert_eq!(header_len(&h).unwrap(), 17);
-        assert!(header_len(&[0x1f, 0x8b, 7, 0, 0, 0, 0, 0, 0, 3]).unwrap_err().contains("not deflate"));
+        assert_eq!(header_len(&[0x1f, 0x8b, 7, 0, 0, 0, 0, 0, 0, 3]), Err(GzipHeaderError::Method(7)));
+        assert!(GzipHeaderError::Method(7).to_string().contains("not deflate"));
+        assert_eq!(header_len(&[0x1f, 0x8b, 8, 4, 0, 0, 0, 0, 0, 3, 9]), Err(GzipHeaderError::Short));
     }
 
     #[test]
@@ -445,7 +520,7 @@ mod tests {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 100_000];
         loop {
-            let n = d.read(&mut buf).unwrap();
+            let n = d.decode(&mut buf).unwrap();
             if n == 0 {
                 break;
             }
@@ -458,7 +533,7 @@ mod tests {
             let w = rec.window(p).unwrap();
             let mut c = GzDecoder::at(src.clone(), p, &w).unwrap();
             let mut got = vec![0u8; 4096];
-            let n = c.read(&mut got).unwrap();
+            let n = c.decode(&mut got).unwrap();
             assert!(n > 0);
             assert_eq!(&got[..n], &data[p.out as usize..p.out as usize + n], "point {p:?}");
         }
@@ -466,7 +541,7 @@ mod tests {
         let cut: Arc<dyn Source> = Arc::new(MemSource::new("x.gz", file[..file.len() / 2].to_vec()));
         let mut d = GzDecoder::scanner(cut, Recorder::memory()).unwrap();
         let e = loop {
-            match d.read(&mut buf) {
+            match d.decode(&mut buf) {
                 Ok(0) => panic!("no error"),
                 Ok(_) => {}
                 Err(e) => break e.to_string(),

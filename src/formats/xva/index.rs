@@ -5,8 +5,10 @@
 //!
 //! The file is `xva-index-<dev>-<ino>-<size>-<mtime>.v1`: the deflated gzip windows, then the
 //! metadata, then a 32-byte footer (metadata offset and length, its XXH64, a magic). A file that
-//! does not check out is ignored and rebuilt. It is written under a temporary name and renamed,
-//! and older indexes of the same inode are removed.
+//! does not check out is ignored and rebuilt. It is written under a temporary name of its own
+//! (`<name>.tmp-<pid>-<n>`, created new and private by [`create_private_file`], so a file or
+//! symlink someone placed at that name is never written through) and renamed; it is read back
+//! without following a symlink. Older indexes of the same inode are removed.
 
 use std::fs::File;
 use std::io::Write;
@@ -14,13 +16,18 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::stream::{self, Codec, Point, Recorder, Windows};
+use super::Error;
+use super::compressed::{self, Codec};
+use super::restart::{MAX_STORED_WINDOW, Recorder, RestartPoint, WindowStore};
 use super::tar::{self, End, Input, Member};
-use crate::error::{Error, Result};
+use crate::error::{Error as CrateError, Result};
+use crate::gate::{create_private_file, open_private_file};
 use crate::progress::Progress;
 use crate::source::{FileId, Source};
 
 const MAGIC: &[u8; 8] = b"VDXVAIX1";
+/// Temporary names tried before giving up on writing the index.
+const TMP_ATTEMPTS: u32 = 8;
 
 /// What the index pass found.
 #[derive(Debug)]
@@ -30,8 +37,8 @@ pub struct Index {
     pub end: End,
     /// Length of the (decompressed) tar stream.
     pub total: u64,
-    pub points: Vec<Point>,
-    pub windows: Windows,
+    pub points: Vec<RestartPoint>,
+    pub windows: WindowStore,
     /// Read back from the cache directory.
     pub cached: Option<PathBuf>,
 }
@@ -41,59 +48,61 @@ fn keep(name: &str, size: u64) -> bool {
     size <= tar::SMALL || (name.trim_start_matches("./") == "ova.xml" && size <= super::MAX_OVA_XML)
 }
 
+/// The index file's name for the file `id`.
+fn index_name(id: &FileId) -> String {
+    format!("xva-index-{:x}-{:x}-{:x}-{:x}.v1", id.dev, id.ino, id.size, id.mtime_ns as u128)
+}
+
+fn tmp_name(name: &str, attempt: u32) -> String {
+    format!("{name}.tmp-{}-{attempt}", std::process::id())
+}
+
 /// Loads the cached index of `src`, or builds (and caches) it.
 pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>, progress: &dyn Progress) -> Result<Index> {
-    let id = src.id();
-    let path = match (cache_dir, id) {
-        (Some(d), Some(id)) => {
-            Some(d.join(format!("xva-index-{:x}-{:x}-{:x}-{:x}.v1", id.dev, id.ino, id.size, id.mtime_ns as u128)))
-        }
-        _ => None,
-    };
-    if let (Some(p), Some(id)) = (&path, id)
-        && let Some(ix) = load(p, &id)
+    let place = cache_dir.zip(src.id()).map(|(dir, id)| (dir, id, index_name(&id)));
+    if let Some((dir, id, name)) = &place
+        && let Some(ix) = load(dir, name, id)
     {
-        log::info!("{}: index read from {}", src.location(), p.display());
+        log::info!("{}: index read from {}", src.location(), dir.join(name).display());
         return Ok(ix);
     }
-    let tmp = match &path {
-        Some(p) => match create_tmp(p) {
-            Ok(x) => Some(x),
-            Err(e) => {
-                log::warn!("cannot write an index in {}: {e}; the index is kept in memory", p.display());
-                None
-            }
-        },
-        None => None,
-    };
+    let tmp = place.as_ref().and_then(|(dir, _, name)| match create_tmp(dir, name) {
+        Ok(x) => Some(x),
+        Err(e) => {
+            log::warn!("cannot write an index in {}: {e}; the index is kept in memory", dir.display());
+            None
+        }
+    });
     let rec = match &tmp {
-        Some((_, f)) => Recorder::file(f.try_clone().map_err(|e| Error::io("index file", e))?),
+        Some((_, f)) => Recorder::file(f.try_clone().map_err(|e| CrateError::io("index file", e))?),
         None => Recorder::memory(),
     };
+    // The windows are read through the recorder's handle on the file, renamed or not.
     let mut ix = build(src, codec, rec, progress)?;
-    if let (Some((tp, f)), Some(p), Some(id)) = (tmp, path, id) {
-        match save(&f, &tp, &p, &id, &ix) {
-            Ok(()) => {
-                ix.windows = Windows::File(File::open(&p).map_err(|e| Error::io("index file", e))?);
-                ix.cached = Some(p);
-            }
+    if let (Some((tmp, f)), Some((dir, id, name))) = (tmp, place) {
+        match save(&f, dir, &tmp, &name, &id, &ix) {
+            Ok(()) => ix.cached = Some(dir.join(name)),
             Err(e) => {
-                // The windows stay readable through the open (now unlinked) file.
-                let _ = std::fs::remove_file(&tp);
-                log::warn!("cannot write the index {}: {e}", p.display());
+                let _ = std::fs::remove_file(dir.join(&tmp));
+                log::warn!("cannot write the index {}: {e}", dir.join(name).display());
             }
         }
     }
     Ok(ix)
 }
 
-fn create_tmp(p: &Path) -> std::io::Result<(PathBuf, File)> {
-    if let Some(d) = p.parent() {
-        std::fs::create_dir_all(d)?;
+/// Creates the temporary file the index is written to, under a name no one else uses: when
+/// something (a stale file, a planted symlink) is already at a name, the next one is tried.
+fn create_tmp(dir: &Path, name: &str) -> std::io::Result<(String, File)> {
+    let mut attempt = 0;
+    loop {
+        let tmp = tmp_name(name, attempt);
+        match create_private_file(dir, &tmp) {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt + 1 < TMP_ATTEMPTS => attempt += 1,
+            Err(e) => return Err(e),
+        }
     }
-    let tp = p.with_extension(format!("tmp-{}", std::process::id()));
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tp)?;
-    Ok((tp, f))
 }
 
 fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder, progress: &dyn Progress) -> Result<Index> {
@@ -109,23 +118,15 @@ fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder, progress: &dyn Prog
     let (end, total, rec) = match codec {
         Codec::Plain => (tar::walk(Input::File(src.as_ref()), &keep, &mut push, &tick)?, len, rec),
         _ => {
-            let mut scanner = stream::scanner(codec, src.clone(), rec)?;
-            let end = tar::walk(Input::Decoder(scanner.cursor()), &keep, &mut push, &tick)?;
+            let mut scanner = compressed::scanner(codec, src.clone(), rec)?;
+            let end = tar::walk(Input::Decoder(scanner.decoder()), &keep, &mut push, &tick)?;
             // Decode to the end: trailing blocks, and so the stream's own checks run (gzip CRC,
             // a zstd frame cut short).
-            let c = scanner.cursor();
+            let d = scanner.decoder();
             let mut buf = vec![0u8; 1 << 20];
-            loop {
-                match c.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Err(Error::new(e.kind(), format!("after the end of the tar archive: {}", e.message())));
-                    }
-                }
-            }
-            let total = c.pos();
-            let rec = scanner.finish().ok_or_else(|| Error::corrupt("internal: no recorder"))?;
+            while d.decode(&mut buf).map_err(Error::AfterTar)? > 0 {}
+            let total = d.pos();
+            let rec = scanner.finish().ok_or_else(|| CrateError::internal("the index pass lost its recorder"))?;
             (end, total, rec)
         }
     };
@@ -139,7 +140,8 @@ fn put(v: &mut Vec<u8>, x: u64) {
     v.extend_from_slice(&x.to_le_bytes());
 }
 
-fn save(f: &File, tmp: &Path, path: &Path, id: &FileId, ix: &Index) -> Result<()> {
+/// The metadata: the archive's identity, then the members, then the restart points.
+fn encode(id: &FileId, ix: &Index) -> Vec<u8> {
     let mut m = Vec::new();
     put(&mut m, id.dev);
     put(&mut m, id.ino);
@@ -172,35 +174,44 @@ fn save(f: &File, tmp: &Path, path: &Path, id: &FileId, ix: &Index) -> Result<()
         put(&mut m, p.win_off);
         put(&mut m, p.win_len as u64);
     }
-    let meta_off = f.metadata().map_err(|e| Error::io("index file", e))?.len();
+    m
+}
+
+/// Appends the metadata and the footer to `f` (the temporary file `tmp` in `dir`, holding the
+/// windows), then renames it to `name`.
+fn save(f: &File, dir: &Path, tmp: &str, name: &str, id: &FileId, ix: &Index) -> Result<()> {
+    let m = encode(id, ix);
+    let meta_off = f.metadata().map_err(|e| CrateError::io("index file", e))?.len();
     let mut tail = Vec::with_capacity(32);
     put(&mut tail, meta_off);
     put(&mut tail, m.len() as u64);
     put(&mut tail, xxhash_rust::xxh64::xxh64(&m, 0));
     tail.extend_from_slice(MAGIC);
-    let w = |e| Error::io("writing the index", e);
+    let w = |e| CrateError::io("writing the index", e);
     f.write_all_at(&m, meta_off).map_err(w)?;
     f.write_all_at(&tail, meta_off + m.len() as u64).map_err(w)?;
     (&*f).flush().map_err(w)?;
-    std::fs::rename(tmp, path).map_err(w)?;
-    // Older indexes of the same file (it was modified since) are useless now.
-    if let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) {
-        let prefix = format!("xva-index-{:x}-{:x}-", id.dev, id.ino);
-        if let Ok(rd) = std::fs::read_dir(dir) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if n.starts_with(&prefix) && n != name && !n.contains(".tmp-") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-        }
-    }
+    std::fs::rename(dir.join(tmp), dir.join(name)).map_err(w)?;
+    remove_older(dir, name, id);
     Ok(())
 }
 
-struct Rd<'a>(&'a [u8]);
+/// Older indexes of the same file (it was modified since) are useless now.
+fn remove_older(dir: &Path, name: &str, id: &FileId) {
+    let prefix = format!("xva-index-{:x}-{:x}-", id.dev, id.ino);
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with(&prefix) && n != name && !n.contains(".tmp-") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
 
-impl Rd<'_> {
+/// Little-endian fields off the front of a byte slice; `None` past its end.
+struct FieldReader<'a>(&'a [u8]);
+
+impl FieldReader<'_> {
     fn u64(&mut self) -> Option<u64> {
         let (a, b) = self.0.split_at_checked(8)?;
         self.0 = b;
@@ -218,26 +229,35 @@ impl Rd<'_> {
     }
 }
 
-fn load(path: &Path, id: &FileId) -> Option<Index> {
-    let f = File::open(path).ok()?;
+/// The index `name` in `dir`, if it is there, intact and of the file `id`.
+fn load(dir: &Path, name: &str, id: &FileId) -> Option<Index> {
+    let f = open_private_file(dir, name).ok()?;
     let len = f.metadata().ok()?.len();
     let mut tail = [0u8; 32];
     f.read_exact_at(&mut tail, len.checked_sub(32)?).ok()?;
     if &tail[24..] != MAGIC {
         return None;
     }
-    let mut t = Rd(&tail);
+    let mut t = FieldReader(&tail);
     let (off, mlen, sum) = (t.u64()?, t.u64()?, t.u64()?);
-    if off.checked_add(mlen)? != len - 32 || mlen > 1 << 34 {
+    // The metadata lies between the windows and the footer, so it is no larger than the file.
+    if off.checked_add(mlen)? != len - 32 {
         return None;
     }
-    let mut m = vec![0u8; mlen as usize];
+    let mut m = vec![0u8; usize::try_from(mlen).ok()?];
     f.read_exact_at(&mut m, off).ok()?;
     if xxhash_rust::xxh64::xxh64(&m, 0) != sum {
-        log::warn!("{}: damaged index; rebuilding it", path.display());
+        log::warn!("{}: damaged index; rebuilding it", dir.join(name).display());
         return None;
     }
-    let mut r = Rd(&m);
+    let mut ix = decode(&mut FieldReader(&m), id)?;
+    ix.windows = WindowStore::File(f);
+    ix.cached = Some(dir.join(name));
+    Some(ix)
+}
+
+/// The metadata written by [`encode`], if it is of the file `id`.
+fn decode(r: &mut FieldReader, id: &FileId) -> Option<Index> {
     let (dev, ino, size) = (r.u64()?, r.u64()?, r.u64()?);
     let mtime = i128::from_le_bytes(r.bytes(16)?.try_into().ok()?);
     if (dev, ino, size, mtime) != (id.dev, id.ino, id.size, id.mtime_ns) {
@@ -271,7 +291,79 @@ fn load(path: &Path, id: &FileId) -> Option<Index> {
     for _ in 0..n {
         let (out, inp, bits, ms) = (r.u64()?, r.u64()?, r.u8()?, r.u8()?);
         let (win_off, win_len) = (r.u64()?, r.u64()?);
-        points.push(Point { out, inp, bits, member_start: ms == 1, win_off, win_len: u32::try_from(win_len).ok()? });
+        let win_len = u32::try_from(win_len).ok().filter(|&l| l <= MAX_STORED_WINDOW)?;
+        points.push(RestartPoint { out, inp, bits, member_start: ms == 1, win_off, win_len });
     }
-    Some(Index { codec, members, end, total, points, windows: Windows::File(f), cached: Some(path.to_path_buf()) })
+    let windows = WindowStore::Mem(Vec::new());
+    Some(Index { codec, members, end, total, points, windows, cached: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::MemSource;
+
+    /// A source with a file identity, as a local file has.
+    #[derive(Debug)]
+    struct WithId(MemSource, FileId);
+
+    impl Source for WithId {
+        fn location(&self) -> &crate::source::Location {
+            self.0.location()
+        }
+        fn len(&self) -> Result<u64> {
+            self.0.len()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+            self.0.read_at(buf, offset)
+        }
+        fn id(&self) -> Option<FileId> {
+            Some(self.1)
+        }
+    }
+
+    fn archive() -> Arc<dyn Source> {
+        let mut b = testkit::xva::XvaBuilder::xapi("vm");
+        b.disk("d", testkit::pattern(1, 3 << 20), 3, 0);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&b.to_bytes()).unwrap();
+        let id = FileId { dev: 1, ino: 2, size: 3, mtime_ns: 4 };
+        Arc::new(WithId(MemSource::new("vm.xva", gz.finish().unwrap()), id))
+    }
+
+    #[test]
+    fn a_symlink_planted_at_the_temporary_name_is_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("cache");
+        let src = archive();
+        let name = index_name(&src.id().unwrap());
+        std::fs::create_dir(&dir).unwrap();
+        let victim = t.path().join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join(tmp_name(&name, 0))).unwrap();
+        std::os::unix::fs::symlink(t.path().join("created"), dir.join(tmp_name(&name, 1))).unwrap();
+        let ix = open(&src, Codec::Gzip, Some(&dir), &crate::progress::Silent).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep", "the symlink's target is untouched");
+        assert!(!t.path().join("created").exists());
+        assert_eq!(ix.cached, Some(dir.join(&name)), "written under the next temporary name");
+        let again = open(&src, Codec::Gzip, Some(&dir), &crate::progress::Silent).unwrap();
+        assert_eq!((again.members, again.points, again.total), (ix.members, ix.points, ix.total));
+    }
+
+    #[test]
+    fn an_index_name_that_is_a_symlink_is_not_read() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("cache");
+        let src = archive();
+        let name = index_name(&src.id().unwrap());
+        let first = open(&src, Codec::Gzip, Some(&dir), &crate::progress::Silent).unwrap();
+        assert!(first.cached.is_some());
+        std::fs::rename(dir.join(&name), t.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(t.path().join("elsewhere"), dir.join(&name)).unwrap();
+        assert!(load(&dir, &name, &src.id().unwrap()).is_none());
+        // Rebuilt, and the symlink replaced by a file of our own.
+        let ix = open(&src, Codec::Gzip, Some(&dir), &crate::progress::Silent).unwrap();
+        assert_eq!(ix.members, first.members);
+        assert!(!std::fs::symlink_metadata(dir.join(&name)).unwrap().file_type().is_symlink());
+    }
 }

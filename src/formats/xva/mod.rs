@@ -9,78 +9,153 @@
 //! the VM; each exported VDI's data follows as chunk members `Ref:N/%08d`, each with a
 //! `.checksum` (SHA-1) or `.xxhash` (XXH64) member, placed on the disk as xapi's importer places
 //! them ([`chunks`]). Each VDI with chunks in the archive becomes one disk `<name_label>.raw`
-//! (the suspend image of a suspended VM is listed by `info` but not mounted; CD VDIs carry no
-//! data in an export and are listed only). Disks come in the order of the VM's `userdevice`,
-//! then in archive order. Nothing is extracted: the member index ([`index`]) and, for compressed
-//! exports, the restart points ([`stream`]) are kept in the cache directory under the archive's
-//! identity, and data is read from the archive itself.
+//! ([`disk`]; the suspend image of a suspended VM is listed by `info` but not mounted; CD VDIs
+//! carry no data in an export and are listed only). Disks come in the order of the VM's
+//! `userdevice`, then in archive order. Nothing is extracted: the member index ([`index`]) and,
+//! for compressed exports, the restart points ([`restart`]) are kept in the cache directory under
+//! the archive's identity, and data is read from the archive itself ([`compressed`] for random
+//! access into a compressed stream).
 //!
 //! A chunk's checksum is verified the first time any part of it is read and remembered; a
 //! mismatch gives EIO and a log line naming the archive and the member (`--no-verify` skips).
 //!
-//! Refused, each with one line naming the archive and the member: a truncated tar, a header
-//! checksum mismatch, a missing or malformed `ova.xml`, the pre-tar "appliance" layout, a chunk
-//! outside every exported VDI's directory, chunk numbers going backwards, a chunk longer than
-//! the chunk size or reaching past `virtual_size`, a missing or garbage checksum member, a
+//! Memory is bounded whatever the archive claims: `ova.xml` at [`MAX_OVA_XML`], a disk's
+//! `virtual_size` at [`MAX_VIRTUAL_SIZE`], the chunk size at [`chunks::MAX_UNIT`], verified
+//! chunks kept per disk at [`disk::RECENT_BYTES`] (a chunk larger than [`disk::MAX_KEPT_CHUNK`]
+//! is verified piece by piece and never held whole), decoded blocks per compressed archive at
+//! [`compressed::MEM_CACHE_BYTES`].
+//!
+//! Refused, each with one line naming the archive and the member ([`Error`] and the enums of
+//! the files named): a truncated tar, a header checksum mismatch, a missing or malformed
+//! `ova.xml`, the pre-tar "appliance" layout, a chunk outside every exported VDI's directory,
+//! chunk numbers going backwards, a chunk longer than the chunk size or reaching past
+//! `virtual_size`, a `virtual_size` over 64 TiB, a missing or garbage checksum member, a
 //! compressed stream that ends early or fails its CRC, a disk VDI with no data in the archive.
 
 pub mod chunks;
+pub mod compressed;
+pub mod disk;
 mod gzip;
 pub mod index;
 pub mod ovaxml;
-pub mod stream;
+pub mod restart;
 pub mod tar;
 mod zstd;
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
-use lru::LruCache;
-use parking_lot::Mutex;
+use chunks::{Chunk, Layout, Placed};
+use compressed::{Codec, CompressedTar};
+use ovaxml::{Export, OvaXmlError};
 
-use chunks::{Chunk, Layout};
-use ovaxml::Export;
-use stream::{Codec, Compressed};
+pub use disk::XvaDisk;
 
-use crate::error::{Error as CrateError, Kind, Result};
-use crate::layer::{Identity, Layer, LayerInfo, ParentRef, Span};
+use crate::error::{Error as CrateError, ErrorKind, Kind, Result};
+use crate::layer::Layer;
 use crate::progress::Progress;
 use crate::source::{Location, Source};
 
 /// Bound on the size of `ova.xml` read into memory.
 pub const MAX_OVA_XML: u64 = 64 << 20;
-/// Verified chunks kept in memory per disk (8 MiB with 1 MiB chunks).
-const RECENT_CHUNKS: NonZeroUsize = NonZeroUsize::new(8).unwrap();
+/// The largest `virtual_size` accepted, as for VMDK and VHDX. xapi's own limit is lower (2 TiB
+/// for VHD-based storage); this one keeps a whole-disk scan to 64 Ki steps of 1 GiB.
+pub const MAX_VIRTUAL_SIZE: u64 = 64 << 40;
 /// Default bound of the on-disk block cache for streams without restart points.
 pub const DEFAULT_BLOCK_CACHE: u64 = 4 << 30;
 
-/// What can be wrong with an XVA.
+/// What can be wrong with an XVA as a whole; the tar container, the chunks and the compressed
+/// streams have their own enums ([`tar::TarError`], [`chunks::ChunkError`], `gzip::GzipError`,
+/// `zstd::ZstdError`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{member}: truncated: the archive ends at {end:#x} but the member needs bytes up to {need:#x}")]
-    Truncated { member: String, need: u64, end: u64 },
-    #[error("tar header at {at:#x} ('{name}'): checksum mismatch (stored {stored:?}, computed {computed:o})")]
-    HeaderChecksum { at: u64, name: String, stored: String, computed: u64 },
-    #[error("tar header at {at:#x} ('{name}'): {what}")]
-    BadHeader { at: u64, name: String, what: String },
-    #[error("{member}: {what}")]
-    Member { member: String, what: String },
-    #[error("ova.xml: {0}")]
-    OvaXml(String),
+    #[error("neither a tar archive nor gzip/zstd-compressed (not an XVA)")]
+    NotXva,
+    #[error(
+        "this is an XML file, not an XVA archive (an old pre-tar XVA is a directory with ova.xml and per-disk chunk-*.gz files; vdiskfs reads only the tar layout of XenServer 4.1 and later)"
+    )]
+    XmlNotXva,
+    #[error(
+        "{member}: an old pre-tar-era XVA layout (chunk-*.gz members); only the tar layout of XenServer 4.1+ is supported"
+    )]
+    PreTarLayout { member: String },
+    #[error("ova.xml: missing: the first member is '{first}' (not an XVA export)")]
+    OvaXmlNotFirst { first: String },
+    #[error("ova.xml: missing: the archive has no members")]
+    NoMembers,
+    #[error("ova.xml: {size} bytes, too large")]
+    OvaXmlTooLarge { size: u64 },
+    #[error("ova.xml: not UTF-8 text")]
+    OvaXmlNotUtf8,
+    #[error("ova.xml: malformed")]
+    OvaXml(#[source] OvaXmlError),
+    #[error("ova.xml: an <appliance> description of the old pre-tar XVA layout (XenServer < 4.1); not supported")]
+    Appliance,
+    #[error("ova.xml: VDI {vdi} has virtual_size {size:#x}, over the {} TiB vdiskfs supports", MAX_VIRTUAL_SIZE >> 40)]
+    VirtualSizeTooLarge { vdi: String, size: u64 },
+    /// `member` is the disk's last chunk (or its directory when it has none).
+    #[error(
+        "{member}: truncated: the archive stops after this chunk without tar's end-of-archive blocks, and the disk's data ends at {data_end:#x} of its virtual_size {virtual_size:#x}"
+    )]
+    CutShort { member: String, data_end: u64, virtual_size: u64 },
+    #[error(
+        "{member}: VDI '{label}' is a disk of the VM but the archive holds no data for it (a metadata-only export?)"
+    )]
+    NoData { member: String, label: String },
+    #[error("the export holds no disk data (a metadata-only export?)")]
+    NoDisks,
+    /// `kind` names the algorithm and the member type (`SHA-1 (.checksum)`).
+    #[error("{member}: {kind} checksum mismatch (stored {stored}, computed {computed})")]
+    ChecksumMismatch {
+        member: String,
+        kind: &'static str,
+        stored: chunks::ChunkChecksum,
+        computed: chunks::ChunkChecksum,
+    },
+    #[error("{codec} stream ends early: no data at decompressed offset {at:#x}")]
+    StreamEndsEarly { codec: &'static str, at: u64 },
+    #[error("index window out of range ({len} bytes at {off:#x})")]
+    IndexWindowRange { off: u64, len: u32 },
+    #[error("index window is damaged")]
+    IndexWindowDamaged(#[source] std::io::Error),
+    #[error("index window at {off:#x} is longer than the 32 KiB deflate window")]
+    IndexWindowTooLong { off: u64 },
+    /// The compressed stream fails after the tar's end-of-archive blocks.
+    #[error("after the end of the tar archive")]
+    AfterTar(#[source] CrateError),
 }
 
-impl From<Error> for CrateError {
-    fn from(e: Error) -> Self {
-        CrateError::corrupt(e.to_string())
+impl ErrorKind for Error {
+    fn kind(&self) -> Kind {
+        match self {
+            Error::NotXva
+            | Error::XmlNotXva
+            | Error::PreTarLayout { .. }
+            | Error::Appliance
+            | Error::VirtualSizeTooLarge { .. } => Kind::Unsupported,
+            Error::NoDisks => Kind::NotFound,
+            Error::AfterTar(e) => e.kind(),
+            Error::OvaXmlNotFirst { .. }
+            | Error::NoMembers
+            | Error::OvaXmlTooLarge { .. }
+            | Error::OvaXmlNotUtf8
+            | Error::OvaXml(_)
+            | Error::CutShort { .. }
+            | Error::NoData { .. }
+            | Error::ChecksumMismatch { .. }
+            | Error::StreamEndsEarly { .. }
+            | Error::IndexWindowRange { .. }
+            | Error::IndexWindowDamaged(_)
+            | Error::IndexWindowTooLong { .. } => Kind::Corrupt,
+        }
     }
 }
 
-/// The data of the (decompressed) tar stream.
+/// The (decompressed) tar stream of an archive.
 #[derive(Debug)]
-enum Data {
+enum TarStream {
     Plain(Arc<dyn Source>),
-    Compressed(Box<Compressed>),
+    Compressed(Box<CompressedTar>),
 }
 
 /// One opened export, shared by its disks.
@@ -88,7 +163,7 @@ enum Data {
 pub struct Archive {
     src: Arc<dyn Source>,
     codec: Codec,
-    data: Data,
+    data: TarStream,
     export: Export,
     unit: u64,
     index_note: String,
@@ -99,8 +174,8 @@ pub struct Archive {
 impl Archive {
     fn read_exact_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         match &self.data {
-            Data::Plain(s) => s.read_exact_at(buf, off),
-            Data::Compressed(c) => c.read_exact_at(off, buf),
+            TarStream::Plain(s) => s.read_exact_at(buf, off),
+            TarStream::Compressed(c) => c.read_exact_at(off, buf),
         }
     }
     pub fn location(&self) -> &Location {
@@ -112,8 +187,8 @@ impl Archive {
     /// Decompressed bytes decoded so far (for benchmarks and tests).
     pub fn decoded(&self) -> u64 {
         match &self.data {
-            Data::Compressed(c) => c.decoded.load(Ordering::Relaxed),
-            Data::Plain(_) => 0,
+            TarStream::Compressed(c) => c.decoded.load(Ordering::Relaxed),
+            TarStream::Plain(_) => 0,
         }
     }
 }
@@ -149,77 +224,19 @@ pub fn open_disks(
 /// Opens the archive and returns its disks, named and in order.
 pub fn open(src: Arc<dyn Source>, opts: &Options, progress: &dyn Progress) -> Result<Vec<(String, XvaDisk)>> {
     let head = src.read_vec(0, src.len()?.min(512) as usize)?;
-    let codec = Codec::detect(&head);
-    if codec == Codec::Plain && !looks_like_tar(&head) {
-        let what = if head.starts_with(b"<?xml") || head.windows(10).any(|w| w == b"<appliance") {
-            "this is an XML file, not an XVA archive (an old pre-tar XVA is a directory with ova.xml and \
-             per-disk chunk-*.gz files; vdiskfs reads only the tar layout of XenServer 4.1 and later)"
-        } else {
-            "neither a tar archive nor gzip/zstd-compressed (not an XVA)"
-        };
-        return Err(CrateError::unsupported(what));
-    }
+    let codec = detect(&head)?;
     let ix = index::open(&src, codec, opts.cache_dir.as_deref(), progress)?;
-    let first = ix.members.first();
-    let ova = match first {
-        Some(m) if m.name == "ova.xml" => m,
-        Some(m) if m.name.contains("/chunk-") || m.name.ends_with(".gz") => {
-            return Err(CrateError::unsupported(format!(
-                "{}: an old pre-tar-era XVA layout (chunk-*.gz members); only the tar layout of XenServer 4.1+ is supported",
-                m.name
-            )));
-        }
-        Some(m) => {
-            return Err(Error::OvaXml(format!("missing: the first member is '{}' (not an XVA export)", m.name)).into());
-        }
-        None => return Err(Error::OvaXml("missing: the archive has no members".into()).into()),
-    };
-    let text = ova.content.as_deref().ok_or_else(|| Error::OvaXml(format!("{} bytes, too large", ova.size)))?;
-    let text = std::str::from_utf8(text).map_err(|_| Error::OvaXml("not UTF-8 text".into()))?;
-    let export = Export::parse(text).map_err(|e| match e {
-        ovaxml::ParseError::Appliance => CrateError::unsupported(
-            "ova.xml: an <appliance> description of the old pre-tar XVA layout (XenServer < 4.1); not supported",
-        ),
-        ovaxml::ParseError::Malformed(m) => Error::OvaXml(format!("malformed: {m}")).into(),
-    })?;
+    let export = read_ova_xml(&ix.members)?;
     let vdis: Vec<(String, u64)> = export.vdis.iter().map(|v| (v.id.clone(), v.virtual_size)).collect();
     let Layout { unit, disks } = chunks::place(&ix.members[1..], &vdis, export.export_vsn > 0)?;
-    // Without the end-of-archive blocks, a disk whose data stops short may be a cut-off file.
-    if ix.end == tar::End::Eof
-        && let Some(d) = disks.iter().find(|d| d.data_end() < vdis[d.vdi].1)
-    {
-        let last = d.chunks.last().map_or(format!("{}/", vdis[d.vdi].0), |c| chunk_name(&vdis[d.vdi].0, c, d.digits));
-        return Err(Error::Member {
-            member: last,
-            what: format!(
-                "truncated: the archive stops after this chunk without tar's end-of-archive blocks, and the disk's data ends at {:#x} of its virtual_size {:#x}",
-                d.data_end(),
-                vdis[d.vdi].1
-            ),
-        }
-        .into());
-    }
-    let suspend: Vec<String> = export.vms.iter().map(|v| v.suspend_vdi.clone()).collect();
-    for v in &export.vdis {
-        let is_disk = export.vbds_of(&v.id).any(|b| b.ty == "Disk");
-        if is_disk && v.virtual_size > 0 && !disks.iter().any(|d| vdis[d.vdi].0 == v.id) {
-            return Err(Error::Member {
-                member: format!("{}/", v.id),
-                what: format!(
-                    "VDI '{}' is a disk of the VM but the archive holds no data for it (a metadata-only export?)",
-                    v.name_label
-                ),
-            }
-            .into());
-        }
-    }
+    check_disks(&export, &disks, ix.end)?;
     let index_note = match &ix.cached {
         Some(p) => format!("{} members, cached in {}", ix.members.len(), p.display()),
         None => format!("{} members, in memory", ix.members.len()),
     };
     let data = match codec {
-        Codec::Plain => Data::Plain(src.clone()),
-        _ => Data::Compressed(Box::new(Compressed::new(
+        Codec::Plain => TarStream::Plain(src.clone()),
+        _ => TarStream::Compressed(Box::new(CompressedTar::new(
             src.clone(),
             codec,
             ix.points,
@@ -229,40 +246,94 @@ pub fn open(src: Arc<dyn Source>, opts: &Options, progress: &dyn Progress) -> Re
             opts.block_cache_bytes,
         )?)),
     };
-    let mounted: Vec<String> = disks.iter().map(|d| vdis[d.vdi].0.clone()).filter(|id| !suspend.contains(id)).collect();
+    let suspend: Vec<&str> = export.vms.iter().map(|v| v.suspend_vdi.as_str()).collect();
+    let mounted: Vec<String> =
+        disks.iter().map(|d| vdis[d.vdi].0.clone()).filter(|id| !suspend.contains(&id.as_str())).collect();
     let archive = Arc::new(Archive { src, codec, data, export, unit, index_note, mounted });
+    let named = name_disks(&archive, disks, opts.verify);
+    if named.is_empty() {
+        return Err(Error::NoDisks.into());
+    }
+    Ok(named)
+}
+
+/// The codec of an archive starting with `head`, or why it is not an XVA.
+fn detect(head: &[u8]) -> Result<Codec> {
+    let codec = Codec::detect(head);
+    if codec == Codec::Plain && !looks_like_tar(head) {
+        let xml = head.starts_with(b"<?xml") || head.windows(10).any(|w| w == b"<appliance");
+        return Err(if xml { Error::XmlNotXva } else { Error::NotXva }.into());
+    }
+    Ok(codec)
+}
+
+/// A valid first header, or a ustar one whose checksum is wrong (the index pass reports that).
+fn looks_like_tar(head: &[u8]) -> bool {
+    head.get(..512).and_then(|b| b.try_into().ok()).is_some_and(|b| tar::is_header(b) || &b[257..262] == b"ustar")
+}
+
+/// The first member, `ova.xml`, parsed.
+fn read_ova_xml(members: &[tar::Member]) -> Result<Export> {
+    let ova = match members.first() {
+        Some(m) if m.name == "ova.xml" => m,
+        Some(m) if m.name.contains("/chunk-") || m.name.ends_with(".gz") => {
+            return Err(Error::PreTarLayout { member: m.name.clone() }.into());
+        }
+        Some(m) => return Err(Error::OvaXmlNotFirst { first: m.name.clone() }.into()),
+        None => return Err(Error::NoMembers.into()),
+    };
+    let text = ova.content.as_deref().ok_or(Error::OvaXmlTooLarge { size: ova.size })?;
+    let text = std::str::from_utf8(text).map_err(|_| Error::OvaXmlNotUtf8)?;
+    let export = Export::parse(text).map_err(|e| match e {
+        OvaXmlError::Appliance => Error::Appliance,
+        e => Error::OvaXml(e),
+    })?;
+    if let Some(v) = export.vdis.iter().find(|v| v.virtual_size > MAX_VIRTUAL_SIZE) {
+        return Err(Error::VirtualSizeTooLarge { vdi: v.id.clone(), size: v.virtual_size }.into());
+    }
+    Ok(export)
+}
+
+/// Every disk of the VM has its data, and, without the end-of-archive blocks, a disk whose data
+/// stops short is taken for a cut-off file.
+fn check_disks(export: &Export, disks: &[Placed], end: tar::End) -> Result<()> {
+    if end == tar::End::Eof
+        && let Some(d) = disks.iter().find(|d| d.data_end() < export.vdis[d.vdi].virtual_size)
+    {
+        let v = &export.vdis[d.vdi];
+        let member = d.chunks.last().map_or(format!("{}/", v.id), |c| chunk_name(&v.id, c, d.digits));
+        return Err(Error::CutShort { member, data_end: d.data_end(), virtual_size: v.virtual_size }.into());
+    }
+    for v in &export.vdis {
+        let is_disk = export.vbds_of(&v.id).any(|b| b.ty == "Disk");
+        if is_disk && v.virtual_size > 0 && !disks.iter().any(|d| export.vdis[d.vdi].id == v.id) {
+            return Err(Error::NoData { member: format!("{}/", v.id), label: v.name_label.clone() }.into());
+        }
+    }
+    Ok(())
+}
+
+/// The disks to mount (not a suspend image), in `userdevice` order then archive order, named
+/// after their labels and made unique.
+fn name_disks(archive: &Arc<Archive>, disks: Vec<Placed>, verify: bool) -> Vec<(String, XvaDisk)> {
     let ex = &archive.export;
     let vm_id = ex.vm().map(|v| v.id.clone()).unwrap_or_default();
     let mut out: Vec<(u64, usize, XvaDisk)> = Vec::new();
     for (order, d) in disks.into_iter().enumerate() {
         let vdi = &ex.vdis[d.vdi];
-        if suspend.contains(&vdi.id) {
+        if ex.vms.iter().any(|vm| vm.suspend_vdi == vdi.id) {
             log::info!("{}: {} is the VM's suspend image; not mounted", archive.location(), vdi.id);
             continue;
         }
         let vbd = ex.vbds_of(&vdi.id).find(|b| b.vm == vm_id).or_else(|| ex.vbds_of(&vdi.id).next());
         let userdevice = vbd.and_then(|b| b.userdevice.parse::<u64>().ok()).unwrap_or(u64::MAX);
-        let n = d.chunks.len();
-        out.push((
-            userdevice,
-            order,
-            XvaDisk {
-                archive: archive.clone(),
-                vdi: d.vdi,
-                vbd: vbd.map(|b| (b.ty.clone(), b.userdevice.clone())),
-                chunks: d.chunks.into(),
-                verified: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-                verify: opts.verify,
-                digits: d.digits,
-                keepalives: d.keepalives,
-                recent: Mutex::new(LruCache::new(RECENT_CHUNKS)),
-            },
-        ));
+        let vbd = vbd.map(|b| (b.ty.clone(), b.userdevice.clone()));
+        out.push((userdevice, order, XvaDisk::new(archive.clone(), d, vbd, verify)));
     }
     out.sort_by_key(|(u, o, _)| (*u, *o));
     let mut named: Vec<(String, XvaDisk)> = Vec::new();
     for (_, _, d) in out {
-        let base = sanitize(&ex.vdis[d.vdi].name_label);
+        let base = sanitize(&d.vdi().name_label);
         let mut name = format!("{base}.raw");
         let mut i = 2;
         while named.iter().any(|(n, _)| *n == name) {
@@ -271,15 +342,7 @@ pub fn open(src: Arc<dyn Source>, opts: &Options, progress: &dyn Progress) -> Re
         }
         named.push((name, d));
     }
-    if named.is_empty() {
-        return Err(CrateError::new(Kind::NotFound, "the export holds no disk data (a metadata-only export?)"));
-    }
-    Ok(named)
-}
-
-/// A valid first header, or a ustar one whose checksum is wrong (the index pass reports that).
-fn looks_like_tar(head: &[u8]) -> bool {
-    head.get(..512).and_then(|b| b.try_into().ok()).is_some_and(|b| tar::is_header(b) || &b[257..262] == b"ustar")
+    named
 }
 
 /// A VDI label as a file name: no `/`, no control characters, not empty, not `.`/`..`.
@@ -293,246 +356,20 @@ fn chunk_name(dir: &str, c: &Chunk, digits: usize) -> String {
     format!("{dir}/{:0digits$}", c.number)
 }
 
-/// One disk of an export: a single layer with no parent.
-#[derive(Debug)]
-pub struct XvaDisk {
-    archive: Arc<Archive>,
-    vdi: usize,
-    vbd: Option<(String, String)>,
-    chunks: Box<[Chunk]>,
-    verified: Box<[AtomicU64]>,
-    verify: bool,
-    digits: usize,
-    keepalives: u64,
-    /// Chunks just verified by a partial read, for the reads of their other parts.
-    recent: Mutex<LruCache<usize, Arc<[u8]>>>,
-}
-
-impl XvaDisk {
-    fn vdi(&self) -> &ovaxml::Vdi {
-        &self.archive.export.vdis[self.vdi]
-    }
-    pub fn archive(&self) -> &Arc<Archive> {
-        &self.archive
-    }
-    pub fn member(&self, i: usize) -> String {
-        chunk_name(&self.vdi().id, &self.chunks[i], self.digits)
-    }
-    fn is_verified(&self, i: usize) -> bool {
-        self.verified[i / 64].load(Ordering::Relaxed) & (1 << (i % 64)) != 0
-    }
-    fn set_verified(&self, i: usize) {
-        self.verified[i / 64].fetch_or(1 << (i % 64), Ordering::Relaxed);
-    }
-
-    /// Reads `buf` from chunk `i` at `within`, verifying the whole chunk on first use.
-    fn read_chunk(&self, i: usize, within: u64, buf: &mut [u8]) -> Result<()> {
-        let c = self.chunks[i];
-        let at = within as usize..within as usize + buf.len();
-        if let Some(d) = self.recent.lock().get(&i) {
-            buf.copy_from_slice(&d[at]);
-            return Ok(());
-        }
-        let sum = match c.sum {
-            Some(s) if self.verify && !self.is_verified(i) => s,
-            _ => return self.archive.read_exact_at(c.data + within, buf),
-        };
-        let whole = within == 0 && buf.len() as u64 == c.len;
-        let mut tmp = if whole { Vec::new() } else { vec![0u8; c.len as usize] };
-        let data: &mut [u8] = if whole { buf } else { &mut tmp };
-        self.archive.read_exact_at(c.data, data)?;
-        let got = sum.compute(data);
-        if got != sum {
-            let member = self.member(i);
-            log::error!(
-                "{}: {member}: {} checksum mismatch (stored {sum}, computed {got}); returning EIO",
-                self.archive.location(),
-                sum.kind()
-            );
-            return Err(CrateError::corrupt(format!(
-                "{member}: {} checksum mismatch (stored {sum}, computed {got})",
-                sum.kind()
-            ))
-            .in_file(self.archive.location()));
-        }
-        self.set_verified(i);
-        if !whole {
-            buf.copy_from_slice(&tmp[at]);
-            // The rest of this chunk is likely read next; keep it rather than read it again
-            // (for a compressed archive that would restart a decoder behind this point).
-            self.recent.lock().put(i, tmp.into());
-        }
-        Ok(())
-    }
-}
-
-impl Layer for XvaDisk {
-    fn sources(&self) -> Vec<Arc<dyn Source>> {
-        vec![self.archive.src.clone()]
-    }
-    fn location(&self) -> &Location {
-        self.archive.location()
-    }
-
-    fn virtual_size(&self) -> u64 {
-        self.vdi().virtual_size
-    }
-
-    fn map(&self, offset: u64, max_len: u64) -> Result<Span> {
-        let i = self.chunks.partition_point(|c| c.vstart + c.len <= offset);
-        match self.chunks.get(i) {
-            Some(c) if c.vstart <= offset => {
-                let within = offset - c.vstart;
-                Ok(Span::data((c.len - within).min(max_len), 0, c.data + within))
-            }
-            Some(c) => Ok(Span::zero((c.vstart - offset).min(max_len))),
-            None => Ok(Span::zero(max_len)),
-        }
-    }
-
-    fn read(&self, _source: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let i = self.chunks.partition_point(|c| c.data + c.len <= off);
-            let c = self.chunks.get(i).filter(|c| c.data <= off).ok_or_else(|| {
-                CrateError::corrupt(format!("internal: no chunk holds archive offset {off:#x}"))
-                    .in_file(self.location())
-            })?;
-            let within = off - c.data;
-            let n = ((c.len - within) as usize).min(buf.len() - done);
-            self.read_chunk(i, within, &mut buf[done..done + n])?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    fn parent(&self) -> Option<&ParentRef> {
-        None
-    }
-
-    fn identity(&self) -> Vec<Identity> {
-        Vec::new()
-    }
-
-    fn compressed(&self, _source: usize) -> bool {
-        self.archive.codec != Codec::Plain
-    }
-
-    fn describe(&self) -> Result<LayerInfo> {
-        let a = &self.archive;
-        let ex = &a.export;
-        let v = self.vdi();
-        let mut details: Vec<(String, String)> = Vec::new();
-        let mut d = |k: &str, v: String| details.push((k.to_string(), v));
-        if let Some(vm) = ex.vm() {
-            let uuid = if vm.uuid.is_empty() { String::new() } else { format!(" (uuid {})", vm.uuid) };
-            d("vm", format!("{}{uuid}", vm.name_label));
-        }
-        let ver: Vec<String> = ["product_brand", "product_version", "hostname", "date"]
-            .iter()
-            .filter_map(|k| ex.get_version(k).map(str::to_string))
-            .collect();
-        if !ver.is_empty() {
-            d("exported_by", ver.join(" "));
-        }
-        d("export_vsn", ex.export_vsn.to_string());
-        let mut vd = format!("{} '{}'", v.id, v.name_label);
-        for (k, x) in [("type", &v.ty), ("uuid", &v.uuid)] {
-            if !x.is_empty() {
-                vd.push_str(&format!(", {k} {x}"));
-            }
-        }
-        d("vdi", vd);
-        if let Some((ty, dev)) = &self.vbd {
-            d("vbd", format!("{ty}, userdevice {dev}"));
-        }
-        let sums = self.chunks.iter().find_map(|c| c.sum).map_or("none (export_vsn 0)", |s| s.kind());
-        d(
-            "checksums",
-            format!("{sums}, verified on first read{}", if self.verify { "" } else { " (off: --no-verify)" }),
-        );
-        d("chunks", format!("{} stored, {} keep-alive, chunk size {}", self.chunks.len(), self.keepalives, a.unit));
-        d("compression", a.codec.name().to_string());
-        if let Data::Compressed(c) = &a.data {
-            let mut s = format!("{} restart points, longest interval {} bytes", c.points(), c.longest_interval());
-            if let Some(b) = c.block_cache() {
-                s.push_str(&format!(
-                    "; no restart points inside frames: reads go through a {} MiB block cache",
-                    b >> 20
-                ));
-            }
-            d("random_access", s);
-        }
-        d("index", a.index_note.clone());
-        let others: Vec<String> = ex
-            .vdis
-            .iter()
-            .filter(|o| !a.mounted.contains(&o.id))
-            .map(|o| {
-                let role = if ex.vms.iter().any(|vm| vm.suspend_vdi == o.id) {
-                    "suspend image"
-                } else if ex.vbds_of(&o.id).any(|b| b.ty == "CD") {
-                    "CD"
-                } else {
-                    "no VBD"
-                };
-                format!("{} '{}' ({role}, not mounted)", o.id, o.name_label)
-            })
-            .collect();
-        if !others.is_empty() {
-            d("other_vdis", others.join("; "));
-        }
-        Ok(LayerInfo {
-            path: self.location().to_string(),
-            format: "xva",
-            subformat: a.codec.name().to_string(),
-            virtual_size: v.virtual_size,
-            block_size: a.unit,
-            identity: if v.uuid.is_empty() { format!("{} (no uuid in ova.xml)", v.id) } else { v.uuid.clone() },
-            parent: None,
-            allocated_bytes: self.chunks.iter().map(|c| c.len).sum(),
-            details,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::source::MemSource;
-    use testkit::{pattern, xva::XvaBuilder};
+    use testkit::xva::XvaBuilder;
 
-    fn open_mem(bytes: Vec<u8>) -> Vec<(String, XvaDisk)> {
+    pub(super) fn open_mem(bytes: Vec<u8>) -> Vec<(String, XvaDisk)> {
         let src: Arc<dyn Source> = Arc::new(MemSource::new("vm.xva", bytes));
         open(src, &Options::default(), &crate::progress::Silent).unwrap()
     }
 
-    #[test]
-    fn a_random_read_in_a_gzip_export_decodes_at_most_one_interval() {
-        let size = 48u64 << 20;
-        let data = pattern(3, size as usize);
-        let mut b = XvaBuilder::xapi("vm");
-        b.disk("d", data.clone(), 3, 0);
-        let tmp = std::env::temp_dir().join(format!("vdiskfs-unit-{}.xva.gz", std::process::id()));
-        b.build_gzip(&tmp).unwrap();
-        let bytes = std::fs::read(&tmp).unwrap();
-        let _ = std::fs::remove_file(&tmp);
-        let disks = open_mem(bytes);
-        let d = &disks[0].1;
-        let mut buf = vec![0u8; 4096];
-        for off in [40u64 << 20, 7 << 20, 30 << 20] {
-            let before = d.archive().decoded();
-            let Span { kind: crate::layer::SpanKind::Data { offset, .. }, .. } = d.map(off + 1234, 4096).unwrap()
-            else {
-                panic!("data expected")
-            };
-            d.read(0, offset, &mut buf).unwrap();
-            assert_eq!(buf, data[(off + 1234) as usize..(off + 1234) as usize + 4096]);
-            let cost = d.archive().decoded() - before;
-            // One restart interval, plus the whole 1 MiB chunk verified on its first read.
-            assert!(cost <= gzip::SPAN + (2 << 20), "decoded {cost} bytes for a 4 KiB read");
-        }
+    fn open_err(bytes: Vec<u8>) -> CrateError {
+        let src: Arc<dyn Source> = Arc::new(MemSource::new("vm.xva", bytes));
+        open_disks(src, &Options::default(), &crate::progress::Silent).map(|_| ()).unwrap_err()
     }
 
     #[test]
@@ -542,5 +379,45 @@ mod tests {
         let names: Vec<String> = open_mem(b.to_bytes()).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["disk.raw", "data_2.raw", "data_2-2.raw"]);
         assert_eq!(sanitize(".."), "disk");
+    }
+
+    /// A plain tar of `members` as xapi writes it, with the end-of-archive blocks.
+    fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (n, d) in members {
+            out.extend_from_slice(&testkit::xva::header(n, d.len() as u64, testkit::xva::Dialect::Xapi));
+            out.extend_from_slice(d);
+            out.resize(out.len().next_multiple_of(512), 0);
+        }
+        out.extend_from_slice(&[0u8; 1024]);
+        out
+    }
+
+    #[test]
+    fn a_virtual_size_over_64_tib_is_refused_before_anything_is_sized_by_it() {
+        let mut b = XvaBuilder::xapi("vm");
+        b.disk("d", vec![1u8; 4096], 3, 0);
+        let xml = b.ova_xml();
+        let needle = "<name>virtual_size</name><value>4096</value>";
+        assert!(xml.contains(needle), "{xml}");
+        let huge = xml.replace(needle, &format!("<name>virtual_size</name><value>{}</value>", u64::MAX));
+        let e = open_err(tar_of(&[("ova.xml", huge.as_bytes())]));
+        assert_eq!(e.kind(), Kind::Unsupported);
+        assert!(e.to_string().starts_with("vm.xva: ova.xml: VDI Ref:3 has virtual_size 0xffffffffffffffff"), "{e}");
+        assert!(e.to_string().contains("64 TiB"), "{e}");
+    }
+
+    #[test]
+    fn errors_keep_their_kind_and_name_archive_and_member() {
+        let e = open_err(testkit::pattern(8, 4096));
+        assert_eq!(
+            (e.kind(), e.to_string().as_str()),
+            (Kind::Unsupported, "vm.xva: neither a tar archive nor gzip/zstd-compressed (not an XVA)")
+        );
+        let mut b = XvaBuilder::xapi("vm");
+        b.disk("d", vec![1u8; 4096], 3, 0);
+        let e = open_err(b.to_bytes()[..1024].to_vec());
+        assert_eq!(e.kind(), Kind::Corrupt);
+        assert!(e.downcast_ref::<tar::TarError>().is_some(), "{e:?}");
     }
 }

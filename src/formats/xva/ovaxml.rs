@@ -11,7 +11,7 @@
 //! the walk here, which does recurse, stops at [`MAX_DEPTH`] nested values. [`MAX_NODES`]
 //! bounds the tree's memory: 64 MiB of `<a/>` costs 650 MB (the hand-written tokenizer this
 //! replaced took 1.1 GB for it), a realistic 60 MiB document 760 MB (930 MB). Attributes, comments and processing instructions are ignored.
-//! The old pre-tar layout's `<appliance>` root is reported as [`ParseError::Appliance`].
+//! The old pre-tar layout's `<appliance>` root is reported as [`OvaXmlError::Appliance`].
 
 use roxmltree::Node;
 
@@ -53,31 +53,66 @@ const MAX_DEPTH: usize = 64;
 const MAX_NODES: u32 = (super::MAX_OVA_XML / 8) as u32;
 
 /// Why ova.xml was not understood.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ParseError {
+#[derive(Debug, thiserror::Error)]
+pub enum OvaXmlError {
     /// The `<appliance>` root of the old pre-tar XVA layout.
+    #[error("an <appliance> document (the old pre-tar XVA layout)")]
     Appliance,
-    Malformed(String),
+    #[error("more than {MAX_NODES} XML nodes")]
+    TooManyNodes,
+    #[error(transparent)]
+    Xml(roxmltree::Error),
+    #[error("expected <value> as the root element, found <{0}>")]
+    Root(String),
+    /// `text` is the stray text, trimmed; `inside` the element's name.
+    #[error("unexpected text {text:?} inside <{inside}>")]
+    Text { text: String, inside: String },
+    #[error("values nested too deeply")]
+    TooDeep,
+    /// `found` and `after` are shown as `<tag>`.
+    #[error("unexpected {found} after {after} inside <value>")]
+    Extra { found: String, after: String },
+    /// `found` is shown as `<tag>`, or `nothing`.
+    #[error("expected <{want}> in <{inside}>, found {found}")]
+    Expected { want: &'static str, inside: &'static str, found: String },
+    #[error("expected <value> after <name> in <member>, found {found}")]
+    NoValue { found: String },
+    #[error("an element inside <name>")]
+    ElementInName,
+    #[error("expected text in <{tag}>, found {found}")]
+    NotText { tag: String, found: String },
+    #[error("unexpected <{0}> inside <value>")]
+    UnknownType(String),
+    #[error("the top-level value is not a struct")]
+    NotStruct,
+    #[error("version.export_vsn {0:?} is not a number")]
+    ExportVsn(String),
+    #[error("no 'objects' array in the top-level struct")]
+    NoObjects,
+    #[error("an object without 'class' or 'id'")]
+    NoClassOrId,
+    #[error("object {id} ({class}) has no 'snapshot' struct")]
+    NoSnapshot { id: String, class: String },
+    #[error("VDI {0} has no virtual_size")]
+    NoVirtualSize(String),
+    #[error("VDI {id} has virtual_size {found:?}, not a byte count")]
+    VirtualSize { id: String, found: String },
 }
 
-impl From<String> for ParseError {
-    fn from(m: String) -> Self {
-        ParseError::Malformed(m)
-    }
-}
+type Parsed<T> = Result<T, OvaXmlError>;
 
 /// Parses the whole document as one XML-RPC `<value>`.
-pub fn parse_value(xml: &str) -> Result<Value, ParseError> {
+pub fn parse_value(xml: &str) -> Parsed<Value> {
     let opt = roxmltree::ParsingOptions { allow_dtd: false, nodes_limit: MAX_NODES, ..Default::default() };
     let doc = roxmltree::Document::parse_with_options(xml, opt).map_err(|e| match e {
-        roxmltree::Error::NodesLimitReached => format!("more than {MAX_NODES} XML nodes"),
-        e => e.to_string(),
+        roxmltree::Error::NodesLimitReached => OvaXmlError::TooManyNodes,
+        e => OvaXmlError::Xml(e),
     })?;
     let root = doc.root_element();
     match root.tag_name().name() {
-        "value" => Ok(value(root, 1)?),
-        "appliance" => Err(ParseError::Appliance),
-        t => Err(format!("expected <value> as the root element, found <{t}>").into()),
+        "value" => value(root, 1),
+        "appliance" => Err(OvaXmlError::Appliance),
+        t => Err(OvaXmlError::Root(t.to_string())),
     }
 }
 
@@ -86,12 +121,18 @@ fn text(n: Node) -> String {
     n.children().filter(|c| c.is_text()).filter_map(|c| c.text()).collect()
 }
 
-/// The element children of `n`; text other than whitespace between them is an error.
-fn elements<'a, 'i>(n: Node<'a, 'i>) -> Result<Vec<Node<'a, 'i>>, String> {
+/// Refuses text other than whitespace directly inside `n`.
+fn no_text(n: Node) -> Parsed<()> {
     let t = text(n);
     if !t.trim().is_empty() {
-        return Err(format!("unexpected text {:?} inside <{}>", t.trim(), n.tag_name().name()));
+        return Err(OvaXmlError::Text { text: t.trim().to_string(), inside: n.tag_name().name().to_string() });
     }
+    Ok(())
+}
+
+/// The element children of `n`; text other than whitespace between them is an error.
+fn elements<'a, 'i>(n: Node<'a, 'i>) -> Parsed<Vec<Node<'a, 'i>>> {
+    no_text(n)?;
     Ok(n.children().filter(|c| c.is_element()).collect())
 }
 
@@ -99,63 +140,70 @@ fn show(n: Option<&Node>) -> String {
     n.map_or("nothing".into(), |n| format!("<{}>", n.tag_name().name()))
 }
 
+fn expected(want: &'static str, inside: &'static str, found: Option<&Node>) -> OvaXmlError {
+    OvaXmlError::Expected { want, inside, found: show(found) }
+}
+
 /// A `<value>` element.
-fn value(v: Node, depth: usize) -> Result<Value, String> {
+fn value(v: Node, depth: usize) -> Parsed<Value> {
     if depth > MAX_DEPTH {
-        return Err("values nested too deeply".into());
+        return Err(OvaXmlError::TooDeep);
     }
     let inner = match v.children().filter(|c| c.is_element()).collect::<Vec<_>>().as_slice() {
         [] => return Ok(Value::Scalar(text(v))), // bare text means a string
         [one] => *one,
-        [a, b, ..] => return Err(format!("unexpected {} after {} inside <value>", show(Some(b)), show(Some(a)))),
+        [a, b, ..] => return Err(OvaXmlError::Extra { found: show(Some(b)), after: show(Some(a)) }),
     };
-    let t = text(v);
-    if !t.trim().is_empty() {
-        return Err(format!("unexpected text {:?} inside <value>", t.trim()));
-    }
+    no_text(v)?;
     match inner.tag_name().name() {
-        "struct" => {
-            let mut m = Vec::new();
-            for member in elements(inner)? {
-                if member.tag_name().name() != "member" {
-                    return Err(format!("expected <member> in <struct>, found {}", show(Some(&member))));
-                }
-                let (name, v) = match elements(member)?.as_slice() {
-                    [n, v] if n.tag_name().name() == "name" && v.tag_name().name() == "value" => (*n, *v),
-                    [n, rest @ ..] if n.tag_name().name() == "name" => {
-                        return Err(format!("expected <value> after <name> in <member>, found {}", show(rest.first())));
-                    }
-                    e => return Err(format!("expected <name> in <member>, found {}", show(e.first()))),
-                };
-                if name.children().any(|c| c.is_element()) {
-                    return Err("an element inside <name>".into());
-                }
-                m.push((text(name), value(v, depth + 1)?));
-            }
-            Ok(Value::Struct(m))
-        }
-        "array" => {
-            let data = match elements(inner)?.as_slice() {
-                [d] if d.tag_name().name() == "data" => *d,
-                e => return Err(format!("expected <data> in <array>, found {}", show(e.first()))),
-            };
-            let mut a = Vec::new();
-            for v in elements(data)? {
-                if v.tag_name().name() != "value" {
-                    return Err(format!("expected <value> in <data>, found {}", show(Some(&v))));
-                }
-                a.push(value(v, depth + 1)?);
-            }
-            Ok(Value::Array(a))
-        }
+        "struct" => struct_value(inner, depth),
+        "array" => array_value(inner, depth),
         t @ ("string" | "int" | "i4" | "i8" | "boolean" | "double" | "dateTime.iso8601" | "base64") => {
             match inner.children().find(|c| c.is_element()) {
                 None => Ok(Value::Scalar(text(inner))),
-                Some(e) => Err(format!("expected text in <{t}>, found {}", show(Some(&e)))),
+                Some(e) => Err(OvaXmlError::NotText { tag: t.to_string(), found: show(Some(&e)) }),
             }
         }
-        t => Err(format!("unexpected <{t}> inside <value>")),
+        t => Err(OvaXmlError::UnknownType(t.to_string())),
     }
+}
+
+/// A `<struct>` of `<member><name>…</name><value>…</value></member>`.
+fn struct_value(s: Node, depth: usize) -> Parsed<Value> {
+    let mut m = Vec::new();
+    for member in elements(s)? {
+        if member.tag_name().name() != "member" {
+            return Err(expected("member", "struct", Some(&member)));
+        }
+        let (name, v) = match elements(member)?.as_slice() {
+            [n, v] if n.tag_name().name() == "name" && v.tag_name().name() == "value" => (*n, *v),
+            [n, rest @ ..] if n.tag_name().name() == "name" => {
+                return Err(OvaXmlError::NoValue { found: show(rest.first()) });
+            }
+            e => return Err(expected("name", "member", e.first())),
+        };
+        if name.children().any(|c| c.is_element()) {
+            return Err(OvaXmlError::ElementInName);
+        }
+        m.push((text(name), value(v, depth + 1)?));
+    }
+    Ok(Value::Struct(m))
+}
+
+/// An `<array><data><value>…</value>…</data></array>`.
+fn array_value(a: Node, depth: usize) -> Parsed<Value> {
+    let data = match elements(a)?.as_slice() {
+        [d] if d.tag_name().name() == "data" => *d,
+        e => return Err(expected("data", "array", e.first())),
+    };
+    let mut out = Vec::new();
+    for v in elements(data)? {
+        if v.tag_name().name() != "value" {
+            return Err(expected("value", "data", Some(&v)));
+        }
+        out.push(value(v, depth + 1)?);
+    }
+    Ok(Value::Array(out))
 }
 
 /// What vdiskfs needs from ova.xml.
@@ -204,14 +252,13 @@ fn truthy(s: Option<&str>) -> bool {
 }
 
 impl Export {
-    pub fn parse(xml: &str) -> Result<Export, ParseError> {
-        let root = parse_value(xml)?;
-        Ok(Export::from_value(&root)?)
+    pub fn parse(xml: &str) -> Parsed<Export> {
+        Export::from_value(&parse_value(xml)?)
     }
 
-    fn from_value(root: &Value) -> Result<Export, String> {
+    fn from_value(root: &Value) -> Parsed<Export> {
         let Value::Struct(_) = root else {
-            return Err("the top-level value is not a struct".into());
+            return Err(OvaXmlError::NotStruct);
         };
         let mut ex = Export::default();
         if let Some(Value::Struct(v)) = root.get("version") {
@@ -223,52 +270,60 @@ impl Export {
         }
         ex.export_vsn = match ex.version.iter().find(|(k, _)| k == "export_vsn") {
             None => 0,
-            Some((_, v)) => v.trim().parse().map_err(|_| format!("version.export_vsn {v:?} is not a number"))?,
+            Some((_, v)) => v.trim().parse().map_err(|_| OvaXmlError::ExportVsn(v.clone()))?,
         };
         let Some(Value::Array(objects)) = root.get("objects") else {
-            return Err("no 'objects' array in the top-level struct".into());
+            return Err(OvaXmlError::NoObjects);
         };
         for o in objects {
-            let (Some(class), Some(id)) = (o.str("class"), o.str("id")) else {
-                return Err("an object without 'class' or 'id'".into());
-            };
-            let Some(snap @ Value::Struct(_)) = o.get("snapshot") else {
-                return Err(format!("object {id} ({class}) has no 'snapshot' struct"));
-            };
-            let s = |k: &str| snap.str(k).unwrap_or("").to_string();
-            match class {
-                "VM" => ex.vms.push(Vm {
+            ex.add_object(o)?;
+        }
+        Ok(ex)
+    }
+
+    /// Takes in one of the `objects`: a VM, VDI or VBD (other classes are not needed).
+    fn add_object(&mut self, o: &Value) -> Parsed<()> {
+        let (Some(class), Some(id)) = (o.str("class"), o.str("id")) else {
+            return Err(OvaXmlError::NoClassOrId);
+        };
+        let Some(snap @ Value::Struct(_)) = o.get("snapshot") else {
+            return Err(OvaXmlError::NoSnapshot { id: id.to_string(), class: class.to_string() });
+        };
+        let s = |k: &str| snap.str(k).unwrap_or("").to_string();
+        match class {
+            "VM" => self.vms.push(Vm {
+                id: id.into(),
+                uuid: s("uuid"),
+                name_label: s("name_label"),
+                is_a_snapshot: truthy(snap.str("is_a_snapshot")),
+                is_a_template: truthy(snap.str("is_a_template")),
+                suspend_vdi: s("suspend_VDI"),
+            }),
+            "VDI" => {
+                let vs = snap.str("virtual_size").ok_or_else(|| OvaXmlError::NoVirtualSize(id.to_string()))?;
+                let virtual_size = vs
+                    .trim()
+                    .parse()
+                    .map_err(|_| OvaXmlError::VirtualSize { id: id.to_string(), found: vs.to_string() })?;
+                self.vdis.push(Vdi {
                     id: id.into(),
                     uuid: s("uuid"),
                     name_label: s("name_label"),
-                    is_a_snapshot: truthy(snap.str("is_a_snapshot")),
-                    is_a_template: truthy(snap.str("is_a_template")),
-                    suspend_vdi: s("suspend_VDI"),
-                }),
-                "VDI" => {
-                    let vs = snap.str("virtual_size").ok_or(format!("VDI {id} has no virtual_size"))?;
-                    let virtual_size =
-                        vs.trim().parse().map_err(|_| format!("VDI {id} has virtual_size {vs:?}, not a byte count"))?;
-                    ex.vdis.push(Vdi {
-                        id: id.into(),
-                        uuid: s("uuid"),
-                        name_label: s("name_label"),
-                        virtual_size,
-                        ty: s("type"),
-                    })
-                }
-                "VBD" => ex.vbds.push(Vbd {
-                    id: id.into(),
-                    vm: s("VM"),
-                    vdi: s("VDI"),
+                    virtual_size,
                     ty: s("type"),
-                    empty: truthy(snap.str("empty")),
-                    userdevice: s("userdevice"),
-                }),
-                _ => {}
+                })
             }
+            "VBD" => self.vbds.push(Vbd {
+                id: id.into(),
+                vm: s("VM"),
+                vdi: s("VDI"),
+                ty: s("type"),
+                empty: truthy(snap.str("empty")),
+                userdevice: s("userdevice"),
+            }),
+            _ => {}
         }
-        Ok(ex)
+        Ok(())
     }
 
     /// The exported VM: the first that is neither a snapshot nor a template, else the first.
@@ -351,8 +406,8 @@ mod tests {
 
     fn malformed(xml: &str) -> String {
         match Export::parse(xml) {
-            Err(ParseError::Malformed(m)) => m,
-            other => panic!("{other:?}"),
+            Err(OvaXmlError::Appliance) | Ok(_) => panic!("{xml} is not malformed"),
+            Err(e) => e.to_string(),
         }
     }
 
@@ -381,9 +436,9 @@ mod tests {
             parse_value("<value>&#65;&#x42;&lt;<![CDATA[<c>]]></value>").unwrap(),
             Value::Scalar("AB<<c>".into())
         );
-        assert_eq!(
+        assert!(matches!(
             parse_value("<?xml version='1.0'?><appliance version=\"0.1\"><vm/></appliance>"),
-            Err(ParseError::Appliance)
-        );
+            Err(OvaXmlError::Appliance)
+        ));
     }
 }

@@ -4,7 +4,7 @@
 //! typeflag NUL), ustar headers (name split into `prefix` + `name`) as the OCaml `tar` library
 //! in xapi writes them, GNU long names (`L`), pax extended headers (`x`, whose `path` and `size`
 //! records override the next header), octal and GNU base-256 numbers, and header checksums.
-//! The crate walks [`Stream`], a `Read + Seek` adapter over the input: a plain file is read
+//! The crate walks [`WalkInput`], a `Read + Seek` adapter over the input: a plain file is read
 //! positionally and member data is skipped by seeking, never read; a decompressor's output is
 //! decoded forward and skipped data dropped in 1 MiB pieces. A member's data offset in the
 //! (decompressed) stream is the crate's `Entry::raw_file_position()`. Directory entries (a
@@ -12,23 +12,23 @@
 //!
 //! Hand-written here, because the crate does not do it:
 //! - Truncation. The crate takes the end of its input at a header boundary for the end of the
-//!   archive, even right after seeking past the end. [`Stream`] remembers where the input
+//!   archive, even right after seeking past the end. [`WalkInput`] remembers where the input
 //!   really ended, so a member cut short is reported by name, and an archive that stops at a
 //!   member boundary without the two zero blocks is reported as [`End::Eof`], for the caller to
 //!   decide whether the export is complete.
 //! - A bound on metadata. The crate reads a GNU long name or a pax header into memory whole,
-//!   whatever size its header claims. [`Stream`] lets the crate read at most [`MAX_META`] bytes of
+//!   whatever size its header claims. [`WalkInput`] lets the crate read at most [`MAX_META`] bytes of
 //!   headers and extension data before each member, so a small compressed file cannot make it
 //!   allocate gigabytes.
 //! - Error text. The crate reports "archive header checksum mismatch" with no place or name.
-//!   [`Stream`] keeps the last header block the crate read, so the message gives its offset,
+//!   [`WalkInput`] keeps the last header block the crate read, so the message gives its offset,
 //!   its name and the stored and computed sums.
 //!
 //! Indexing through the crate costs what the hand-written reader did: `benches/xva.sh` 1 GiB,
 //! CPU seconds for gzip 2.99 before and 2.98 after, zstd 0.82/0.81, pzstd 0.86/0.84, plain tar
 //! about 0.01 s either way (the plain walk reads only headers and checksum members).
 //!
-//! Refused with [`Error`]: a header whose checksum does not match (the POSIX unsigned sum; the
+//! Refused with [`TarError`]: a header whose checksum does not match (the POSIX unsigned sum; the
 //! historic signed sum that the hand-written reader used to accept as well differs only when a
 //! header holds bytes over 0x7f, which no XVA writer produces), a number field that is not a
 //! number, links, devices and GNU sparse members (an XVA holds only regular files), more than
@@ -40,9 +40,8 @@ use std::io::{self, Read, Seek, SeekFrom};
 
 use ::tar::{EntryType, Header};
 
-use super::Error;
-use super::stream::Cursor;
-use crate::error::{Error as CrateError, Result as CrateResult};
+use super::compressed::ForwardDecoder;
+use crate::error::{Error as CrateError, ErrorKind, Kind, Result as CrateResult};
 use crate::source::Source;
 
 const BLOCK: u64 = 512;
@@ -50,6 +49,55 @@ const BLOCK: u64 = 512;
 pub const SMALL: u64 = 128;
 /// Bound on what the tar crate reads before one member: headers, GNU long names, pax records.
 pub const MAX_META: u64 = 256 << 10;
+
+/// What is wrong with the tar container; each names the member or the header.
+#[derive(Debug, thiserror::Error)]
+pub enum TarError {
+    #[error("{member}: truncated: the archive ends at {end:#x} but the member needs bytes up to {need:#x}")]
+    Truncated { member: String, need: u64, end: u64 },
+    #[error("header after {after}: truncated: the archive ends at {end:#x} but the member needs bytes up to {need:#x}")]
+    TruncatedHeader { after: String, need: u64, end: u64 },
+    /// `stored` is the field's text, `computed` the sum of the block.
+    #[error(
+        "tar header at {at:#x} ('{name}', after member '{after}'): checksum mismatch (stored {stored:?}, computed {computed:o})"
+    )]
+    HeaderChecksum { at: u64, name: String, after: String, stored: String, computed: u64 },
+    /// The tar crate refused the header; `source` says why.
+    #[error("tar header at {at:#x} ('{name}')")]
+    BadHeader {
+        at: u64,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "tar header at {at:#x} ('{name}'): member is {what} (typeflag {typeflag:?}); an XVA holds only regular files"
+    )]
+    NotRegular { at: u64, name: String, what: &'static str, typeflag: char },
+    #[error("header after {after}: more than {} KiB of tar headers, long names and pax records", MAX_META >> 10)]
+    TooMuchMetadata { after: String },
+    /// Reading the data of `member` (or the header after it) failed.
+    #[error("{member}")]
+    InMember {
+        member: String,
+        #[source]
+        source: CrateError,
+    },
+}
+
+impl ErrorKind for TarError {
+    fn kind(&self) -> Kind {
+        match self {
+            TarError::InMember { source, .. } => source.kind(),
+            TarError::Truncated { .. }
+            | TarError::TruncatedHeader { .. }
+            | TarError::HeaderChecksum { .. }
+            | TarError::BadHeader { .. }
+            | TarError::NotRegular { .. }
+            | TarError::TooMuchMetadata { .. } => Kind::Corrupt,
+        }
+    }
+}
 
 /// One regular file in the archive.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +124,7 @@ pub enum Input<'a> {
     /// A plain tar file.
     File(&'a dyn Source),
     /// A decompressor standing at the start of its output.
-    Decoder(&'a mut dyn Cursor),
+    Decoder(&'a mut dyn ForwardDecoder),
 }
 
 /// The sum stored in a header block and the one computed from it, when they differ.
@@ -96,7 +144,7 @@ pub fn is_header(block: &[u8; 512]) -> bool {
     block.iter().any(|&b| b != 0) && bad_checksum(block).is_none()
 }
 
-struct State<'a> {
+struct WalkState<'a> {
     input: Input<'a>,
     /// File: its length.
     len: u64,
@@ -121,15 +169,15 @@ struct State<'a> {
 }
 
 /// The tar stream as `Read + Seek` for the tar crate.
-struct Stream<'a>(RefCell<State<'a>>);
+struct WalkInput<'a>(RefCell<WalkState<'a>>);
 
-impl<'a> Stream<'a> {
+impl<'a> WalkInput<'a> {
     fn new(input: Input<'a>, tick: &'a dyn Fn(u64)) -> CrateResult<Self> {
         let len = match &input {
             Input::File(src) => src.len()?,
             Input::Decoder(_) => u64::MAX,
         };
-        Ok(Stream(RefCell::new(State {
+        Ok(WalkInput(RefCell::new(WalkState {
             input,
             len,
             pos: 0,
@@ -154,24 +202,18 @@ impl<'a> Stream<'a> {
             return err;
         }
         if let Some(end) = st.end {
-            let member = format!("header after {}", st.last);
-            return Error::Truncated { member, need: end / BLOCK * BLOCK + BLOCK, end }.into();
+            return TarError::TruncatedHeader { after: st.last.clone(), need: end / BLOCK * BLOCK + BLOCK, end }.into();
         }
         let name = String::from_utf8_lossy(&Header::from_byte_slice(&st.tail).path_bytes()).into_owned();
+        let (at, after) = (st.tail_at, st.last.clone());
         match bad_checksum(&st.tail) {
-            Some((stored, computed)) => Error::HeaderChecksum {
-                at: st.tail_at,
-                name: format!("{name}', after member '{}", st.last),
-                stored,
-                computed,
-            }
-            .into(),
-            None => Error::BadHeader { at: st.tail_at, name, what: e.to_string() }.into(),
+            Some((stored, computed)) => TarError::HeaderChecksum { at, name, after, stored, computed }.into(),
+            None => TarError::BadHeader { at, name, source: e }.into(),
         }
     }
 }
 
-impl State<'_> {
+impl WalkState<'_> {
     fn read(&mut self, buf: &mut [u8]) -> CrateResult<usize> {
         self.reads = self.reads.wrapping_add(1);
         if self.reads.is_multiple_of(64) {
@@ -182,11 +224,7 @@ impl State<'_> {
         }
         let buf = match self.budget {
             Some(0) if !buf.is_empty() => {
-                return Err(Error::Member {
-                    member: format!("header after {}", self.last),
-                    what: format!("more than {} KiB of tar headers, long names and pax records", MAX_META >> 10),
-                }
-                .into());
+                return Err(TarError::TooMuchMetadata { after: self.last.clone() }.into());
             }
             Some(b) => {
                 let n = buf.len().min(b as usize);
@@ -194,26 +232,7 @@ impl State<'_> {
             }
             None => buf,
         };
-        let n = match &mut self.input {
-            Input::File(src) => {
-                let n = buf.len().min(self.len.saturating_sub(self.pos) as usize);
-                src.read_exact_at(&mut buf[..n], self.pos).map_err(|e| context(e, &self.last))?;
-                n
-            }
-            Input::Decoder(c) => {
-                while self.decoded < self.pos {
-                    let n = ((self.pos - self.decoded) as usize).min(1 << 20);
-                    self.scratch.resize(n, 0);
-                    match c.read(&mut self.scratch[..n]).map_err(|e| context(e, &self.last))? {
-                        0 => break,
-                        got => self.decoded += got as u64,
-                    }
-                }
-                let got = if self.decoded < self.pos { 0 } else { c.read(buf).map_err(|e| context(e, &self.last))? };
-                self.decoded += got as u64;
-                got
-            }
-        };
+        let n = self.read_input(buf)?;
         if n == 0 && !buf.is_empty() {
             self.end = Some(match self.input {
                 Input::File(_) => self.len,
@@ -221,22 +240,53 @@ impl State<'_> {
             });
         }
         self.pos += n as u64;
-        if let Some(b) = &mut self.budget {
-            *b -= n as u64;
-            // Keep the last 512 bytes: after a header read, the header.
-            if n >= 512 {
-                self.tail.copy_from_slice(&buf[n - 512..n]);
-            } else {
-                self.tail.copy_within(n.., 0);
-                self.tail[512 - n..].copy_from_slice(&buf[..n]);
-            }
-            self.tail_at = self.pos.saturating_sub(512);
+        if let Some(b) = self.budget {
+            self.budget = Some(b - n as u64);
+            self.keep_tail(&buf[..n]);
         }
         Ok(n)
     }
+
+    /// Reads at `pos`: positionally from a file; from a decoder after dropping what the crate
+    /// skipped.
+    fn read_input(&mut self, buf: &mut [u8]) -> CrateResult<usize> {
+        match &mut self.input {
+            Input::File(src) => {
+                let n = buf.len().min(self.len.saturating_sub(self.pos) as usize);
+                src.read_exact_at(&mut buf[..n], self.pos).map_err(|e| context(e, &self.last))?;
+                Ok(n)
+            }
+            Input::Decoder(c) => {
+                while self.decoded < self.pos {
+                    let n = ((self.pos - self.decoded) as usize).min(1 << 20);
+                    self.scratch.resize(n, 0);
+                    match c.decode(&mut self.scratch[..n]).map_err(|e| context(e, &self.last))? {
+                        0 => break,
+                        got => self.decoded += got as u64,
+                    }
+                }
+                let got =
+                    if self.decoded < self.pos { 0 } else { c.decode(buf).map_err(|e| context(e, &self.last))? };
+                self.decoded += got as u64;
+                Ok(got)
+            }
+        }
+    }
+
+    /// Keeps the last 512 bytes read: after a header read, the header.
+    fn keep_tail(&mut self, read: &[u8]) {
+        let n = read.len();
+        if n >= 512 {
+            self.tail.copy_from_slice(&read[n - 512..]);
+        } else {
+            self.tail.copy_within(n.., 0);
+            self.tail[512 - n..].copy_from_slice(read);
+        }
+        self.tail_at = self.pos.saturating_sub(512);
+    }
 }
 
-impl Read for &Stream<'_> {
+impl Read for &WalkInput<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut st = self.0.borrow_mut();
         st.read(buf).map_err(|e| {
@@ -248,10 +298,10 @@ impl Read for &Stream<'_> {
 
 /// Names the member whose data (or the header after it) was being read when `e` happened.
 fn context(e: CrateError, member: &str) -> CrateError {
-    CrateError::new(e.kind(), format!("{member}: {}", e.message()))
+    TarError::InMember { member: member.to_string(), source: e }.into()
 }
 
-impl Seek for &Stream<'_> {
+impl Seek for &WalkInput<'_> {
     fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
         let mut st = self.0.borrow_mut();
         let to = match to {
@@ -279,19 +329,19 @@ pub fn walk<'a>(
     f: &mut dyn FnMut(Member) -> CrateResult<()>,
     tick: &'a dyn Fn(u64),
 ) -> CrateResult<End> {
-    let s = Stream::new(input, tick)?;
+    let s = WalkInput::new(input, tick)?;
     each_member(&mut ::tar::Archive::new(&s), &s, keep, f)?;
     let st = s.0.into_inner();
     match st.end {
-        Some(end) if end < st.pos => Err(Error::Truncated { member: st.last, need: st.pos, end }.into()),
+        Some(end) if end < st.pos => Err(TarError::Truncated { member: st.last, need: st.pos, end }.into()),
         Some(_) => Ok(End::Eof),
         None => Ok(End::Marker),
     }
 }
 
 fn each_member(
-    ar: &mut ::tar::Archive<&Stream>,
-    s: &Stream,
+    ar: &mut ::tar::Archive<&WalkInput>,
+    s: &WalkInput,
     keep: &dyn Fn(&str, u64) -> bool,
     f: &mut dyn FnMut(Member) -> CrateResult<()>,
 ) -> CrateResult<()> {
@@ -316,7 +366,7 @@ fn each_member(
                     (&mut e).take(size).read_to_end(&mut v).map_err(|e| s.explain(e))?;
                     if (v.len() as u64) < size {
                         let end = offset + v.len() as u64;
-                        return Err(Error::Truncated { member: name, need: offset + size, end }.into());
+                        return Err(TarError::Truncated { member: name, need: offset + size, end }.into());
                     }
                     Some(v)
                 } else {
@@ -332,15 +382,8 @@ fn each_member(
                     EntryType::GNUSparse => "a GNU sparse file",
                     _ => "of an unknown type",
                 };
-                return Err(Error::BadHeader {
-                    at: e.raw_header_position(),
-                    name,
-                    what: format!(
-                        "member is {what} (typeflag {:?}); an XVA holds only regular files",
-                        t.as_byte() as char
-                    ),
-                }
-                .into());
+                let (at, typeflag) = (e.raw_header_position(), t.as_byte() as char);
+                return Err(TarError::NotRegular { at, name, what, typeflag }.into());
             }
         }
     }

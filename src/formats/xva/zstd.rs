@@ -5,7 +5,7 @@
 //! point a decoder can be given: a block may use the previous blocks' entropy tables, repeat
 //! offsets and up to a whole window of history, and libzstd offers no way to load such state.
 //! A single-frame stream (plain `zstd`, `zstd -T0`, and so xapi's `compress=zstd`) therefore
-//! has one restart point, and [`super::stream`] serves it through its bounded on-disk cache of
+//! has one restart point, and [`super::compressed`] serves it through its bounded on-disk cache of
 //! decompressed blocks. The decoder keeps libzstd's default window limit (128 MiB) so a crafted
 //! frame header cannot make each cursor allocate gigabytes.
 
@@ -13,14 +13,42 @@ use std::sync::Arc;
 
 use zstd::stream::raw::{Decoder, Operation};
 
-use super::stream::{Cursor, Point, Recorder};
-use crate::error::{Error, Result};
+use super::compressed::ForwardDecoder;
+use super::restart::{Recorder, RestartPoint};
+use crate::error::{Error, ErrorKind, Kind, Result};
 use crate::source::Source;
+
+/// What can be wrong with a zstd stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ZstdError {
+    /// libzstd refused the frame's window: `detail` is its message.
+    #[error("zstd frame at {at:#x} needs a window over 128 MiB ({detail})")]
+    Window { at: u64, detail: String },
+    #[error("zstd data error at about {at:#x}")]
+    Data {
+        at: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("zstd stream ends early: the file ends at {len:#x} inside a frame (decompressed {out:#x} bytes so far)")]
+    EndsEarly { len: u64, out: u64 },
+    #[error("zstd stream stalls at {0:#x}")]
+    Stalls(u64),
+}
+
+impl ErrorKind for ZstdError {
+    fn kind(&self) -> Kind {
+        match self {
+            ZstdError::Window { .. } => Kind::Unsupported,
+            ZstdError::Data { .. } | ZstdError::EndsEarly { .. } | ZstdError::Stalls(_) => Kind::Corrupt,
+        }
+    }
+}
 
 const INBUF: usize = 256 << 10;
 
 /// A forward zstd decoder over a source: the indexing pass (with a [`Recorder`]) and the
-/// cursors that serve reads (started at a frame).
+/// decoders that serve reads (started at a frame).
 pub struct ZstdDecoder {
     src: Arc<dyn Source>,
     len: u64,
@@ -38,14 +66,14 @@ pub struct ZstdDecoder {
 impl ZstdDecoder {
     /// A decoder at the start of the file that records frame starts.
     pub fn scanner(src: Arc<dyn Source>, mut rec: Recorder) -> Result<Self> {
-        rec.point(Point::new(0, 0, 0, true), &[])?;
-        let mut d = Self::at(src, &Point::new(0, 0, 0, true))?;
+        rec.point(RestartPoint::new(0, 0, 0, true), &[])?;
+        let mut d = Self::at(src, &RestartPoint::new(0, 0, 0, true))?;
         d.rec = Some(Box::new(rec));
         Ok(d)
     }
 
     /// A decoder at frame start `p`.
-    pub fn at(src: Arc<dyn Source>, p: &Point) -> Result<Self> {
+    pub fn at(src: Arc<dyn Source>, p: &RestartPoint) -> Result<Self> {
         let len = src.len()?;
         let dec = Decoder::new().map_err(|e| Error::io("zstd decoder", e))?;
         Ok(ZstdDecoder {
@@ -71,7 +99,7 @@ impl ZstdDecoder {
     }
 }
 
-impl Cursor for ZstdDecoder {
+impl ForwardDecoder for ZstdDecoder {
     fn pos(&self) -> u64 {
         self.out_pos
     }
@@ -80,7 +108,7 @@ impl Cursor for ZstdDecoder {
         self.cpos()
     }
 
-    fn read(&mut self, out: &mut [u8]) -> Result<usize> {
+    fn decode(&mut self, out: &mut [u8]) -> Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
@@ -98,11 +126,11 @@ impl Cursor for ZstdDecoder {
             }
             let frame_start = !self.in_frame;
             let st = self.dec.run_on_buffers(&self.inbuf[self.in_pos..self.in_len], out).map_err(|e| {
-                let m = e.to_string();
+                let (at, m) = (self.cpos(), e.to_string());
                 if m.contains("memory") || m.contains("window") {
-                    Error::unsupported(format!("zstd frame at {:#x} needs a window over 128 MiB ({m})", self.cpos()))
+                    ZstdError::Window { at, detail: m }
                 } else {
-                    Error::corrupt(format!("zstd data error at about {:#x}: {m}", self.cpos()))
+                    ZstdError::Data { at, source: e }
                 }
             })?;
             if frame_start && st.bytes_read > 0 {
@@ -117,20 +145,17 @@ impl Cursor for ZstdDecoder {
                 if let Some(r) = self.rec.as_mut()
                     && cpos < len
                 {
-                    r.point(Point::new(out_pos, cpos, 0, true), &[])?;
+                    r.point(RestartPoint::new(out_pos, cpos, 0, true), &[])?;
                 }
             }
             if st.bytes_written > 0 {
                 return Ok(st.bytes_written);
             }
             if self.in_len == 0 {
-                return Err(Error::corrupt(format!(
-                    "zstd stream ends early: the file ends at {:#x} inside a frame (decompressed {:#x} bytes so far)",
-                    self.len, self.out_pos
-                )));
+                return Err(ZstdError::EndsEarly { len: self.len, out: self.out_pos }.into());
             }
             if st.bytes_read == 0 && self.in_pos < self.in_len {
-                return Err(Error::corrupt(format!("zstd stream stalls at {:#x}", self.cpos())));
+                return Err(ZstdError::Stalls(self.cpos()).into());
             }
         }
     }
@@ -145,7 +170,7 @@ mod tests {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
         loop {
-            let n = d.read(&mut buf)?;
+            let n = d.decode(&mut buf)?;
             if n == 0 {
                 return Ok(out);
             }

@@ -1,19 +1,23 @@
-//! Random access to a compressed export without a decompressed copy.
+//! Random access to the tar stream of a compressed export, without a decompressed copy.
 //!
-//! The index pass decodes the stream once, recording restart points (see `gzip.rs`, `zstd.rs`).
-//! Reads are served in whole 1 MiB blocks of the decompressed stream: a block is decoded by an
-//! idle decoder ("cursor") standing at or before it, or by a new one started at the nearest
-//! restart point, and every whole block a decoder passes is kept in a small memory cache. A
-//! reader waits for a busy decoder that is already heading its way instead of starting another,
-//! so concurrent and slightly out-of-order sequential readers (FUSE threads, readahead) decode
-//! each block once. Where some stretch of the stream is more than [`LONG`] bytes without a
-//! restart point (a single-frame zstd stream), blocks are also kept in a bounded on-disk cache,
-//! so that going back does not mean decoding from the start of the stream again.
-//! Locks are held only to take or return a cursor or to look up a block, never while decoding.
+//! The index pass decodes the stream once, recording restart points (`restart.rs`, filled by
+//! `gzip.rs` and `zstd.rs`). Reads are served in whole 1 MiB blocks of the decompressed stream:
+//! a block is decoded by an idle decoder standing at or before it, or by a new one started at the
+//! nearest restart point, and every whole block a decoder passes is kept in a memory cache of
+//! [`MEM_CACHE_BYTES`]. A reader waits for a busy decoder that is already heading its way instead
+//! of starting another, so concurrent and slightly out-of-order sequential readers (FUSE threads,
+//! readahead) decode each block once. Where some stretch of the stream is more than [`LONG`]
+//! bytes without a restart point (a single-frame zstd stream), blocks are also kept in a bounded
+//! on-disk cache ([`FileBlockCache`]), so that going back does not mean decoding from the start
+//! of the stream again. Locks are held only to take or return a decoder or to look up a block,
+//! never while decoding.
+//!
+//! Memory per archive: the block cache (32 MiB), at most [`MAX_IDLE_DECODERS`] idle decoders plus
+//! one per reader (gzip: 256 KiB of input buffer and zlib's 32 KiB window each; zstd: the input
+//! buffer and up to libzstd's 128 MiB window limit each), and one 1 MiB block per reader.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -22,9 +26,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use lru::LruCache;
 use parking_lot::{Condvar, Mutex};
 
+use super::Error;
 use super::gzip::GzDecoder;
+use super::restart::{Recorder, RestartPoint, WindowStore};
 use super::zstd::ZstdDecoder;
-use crate::error::{Error, Result};
+use crate::cache::ByteCache;
+use crate::error::{Error as CrateError, Result};
+use crate::gate::create_private_file;
 use crate::source::Source;
 
 /// How the archive is stored.
@@ -62,115 +70,14 @@ pub fn is_zstd(head: &[u8]) -> bool {
     }
 }
 
-/// A place where decoding can start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Point {
-    /// Offset in the decompressed stream.
-    pub out: u64,
-    /// Offset in the compressed file (a gzip member header or a zstd frame when `member_start`).
-    pub inp: u64,
-    /// gzip: bits of the byte before `inp` that belong to the next block.
-    pub bits: u8,
-    pub member_start: bool,
-    /// The deflated 32 KiB window, in the window store.
-    pub win_off: u64,
-    pub win_len: u32,
-}
-
-impl Point {
-    pub fn new(out: u64, inp: u64, bits: u8, member_start: bool) -> Self {
-        Point { out, inp, bits, member_start, win_off: 0, win_len: 0 }
-    }
-}
-
-/// Where gzip windows are kept: memory (no cache directory) or the index file being written.
-#[derive(Debug)]
-pub enum Windows {
-    Mem(Vec<u8>),
-    File(File),
-}
-
-impl Windows {
-    fn read(&self, off: u64, len: u32) -> Result<Vec<u8>> {
-        let mut v = vec![0u8; len as usize];
-        match self {
-            Windows::Mem(m) => v.copy_from_slice(
-                m.get(off as usize..off as usize + len as usize)
-                    .ok_or_else(|| Error::corrupt("index window out of range"))?,
-            ),
-            Windows::File(f) => f.read_exact_at(&mut v, off).map_err(|e| Error::io("reading the index", e))?,
-        }
-        Ok(v)
-    }
-}
-
-/// Collects restart points (and deflated windows) during the index pass.
-#[derive(Debug)]
-pub struct Recorder {
-    pub points: Vec<Point>,
-    pub windows: Windows,
-    /// Where the next window goes in `windows`.
-    end: u64,
-}
-
-impl Recorder {
-    pub fn memory() -> Self {
-        Recorder { points: Vec::new(), windows: Windows::Mem(Vec::new()), end: 0 }
-    }
-    pub fn file(f: File) -> Self {
-        Recorder { points: Vec::new(), windows: Windows::File(f), end: 0 }
-    }
-
-    pub fn last_out(&self) -> u64 {
-        self.points.last().map_or(0, |p| p.out)
-    }
-
-    pub fn point(&mut self, mut p: Point, window: &[u8]) -> Result<()> {
-        if self.points.last().is_some_and(|l| l.out == p.out && l.inp == p.inp) {
-            return Ok(());
-        }
-        if !window.is_empty() {
-            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
-            let z = e.write_all(window).and_then(|_| e.finish()).map_err(|e| Error::io("deflating a window", e))?;
-            match &mut self.windows {
-                Windows::Mem(m) => m.extend_from_slice(&z),
-                Windows::File(f) => f.write_all(&z).map_err(|e| Error::io("writing the index", e))?,
-            }
-            p.win_off = self.end;
-            p.win_len = z.len() as u32;
-            self.end += z.len() as u64;
-        }
-        self.points.push(p);
-        Ok(())
-    }
-
-    /// The inflated window of `p`.
-    pub fn window(&self, p: &Point) -> Result<Vec<u8>> {
-        window_of(&self.windows, p)
-    }
-
-    pub fn windows_len(&self) -> u64 {
-        self.end
-    }
-}
-
-fn window_of(w: &Windows, p: &Point) -> Result<Vec<u8>> {
-    if p.win_len == 0 {
-        return Ok(Vec::new());
-    }
-    let z = w.read(p.win_off, p.win_len)?;
-    let mut out = Vec::with_capacity(super::gzip::WINDOW);
-    std::io::Read::read_to_end(&mut flate2::read::DeflateDecoder::new(&z[..]), &mut out)
-        .map_err(|e| Error::corrupt(format!("index window is damaged: {e}")))?;
-    Ok(out)
-}
-
 /// A forward decoder standing somewhere in the decompressed stream.
-pub trait Cursor: Send {
+pub trait ForwardDecoder: Send {
+    /// Where it stands in the decompressed stream.
     fn pos(&self) -> u64;
+    /// Where it stands in the compressed file.
     fn compressed_pos(&self) -> u64;
-    /// Decodes the next bytes; 0 only at the end of the stream.
-    fn read(&mut self, out: &mut [u8]) -> Result<usize>;
+    /// Decodes the next bytes into `out`; 0 only at the end of the stream.
+    fn decode(&mut self, out: &mut [u8]) -> Result<usize>;
 }
 
 /// A decoder at the start of the file for the index pass.
@@ -178,17 +85,18 @@ pub fn scanner(codec: Codec, src: Arc<dyn Source>, rec: Recorder) -> Result<Scan
     Ok(match codec {
         Codec::Gzip => Scanner::Gz(Box::new(GzDecoder::scanner(src, rec)?)),
         Codec::Zstd => Scanner::Zstd(Box::new(ZstdDecoder::scanner(src, rec)?)),
-        Codec::Plain => return Err(Error::corrupt("internal: a plain archive has no decoder")),
+        Codec::Plain => return Err(CrateError::internal("a plain archive has no decoder")),
     })
 }
 
+/// The index pass's decoder, which records restart points as it goes.
 pub enum Scanner {
     Gz(Box<GzDecoder>),
     Zstd(Box<ZstdDecoder>),
 }
 
 impl Scanner {
-    pub fn cursor(&mut self) -> &mut dyn Cursor {
+    pub fn decoder(&mut self) -> &mut dyn ForwardDecoder {
         match self {
             Scanner::Gz(d) => d.as_mut(),
             Scanner::Zstd(d) => d.as_mut(),
@@ -204,54 +112,63 @@ impl Scanner {
 
 /// Decompressed bytes between restart points above which the block cache is used.
 pub const LONG: u64 = 32 << 20;
-/// The block cache's unit.
+/// The block caches' unit.
 pub const BLOCK: u64 = 1 << 20;
-const MAX_CURSORS: usize = 6;
-/// Decoded blocks kept in memory per archive.
-const MEM_BLOCKS: std::num::NonZeroUsize = std::num::NonZeroUsize::new(32).unwrap();
+/// Decoders kept idle per archive, for the next read near where they stand.
+pub const MAX_IDLE_DECODERS: usize = 6;
+/// Decoded blocks kept in memory per archive: 32 blocks.
+pub const MEM_CACHE_BYTES: usize = 32 << 20;
 
 struct Pool {
-    idle: Vec<(Box<dyn Cursor>, u64)>,
-    /// Start positions of cursors in use.
+    idle: Vec<(Box<dyn ForwardDecoder>, u64)>,
+    /// Start positions of decoders in use.
     busy: Vec<u64>,
     tick: u64,
 }
 
-/// Random access to the decompressed stream of a compressed archive.
-pub struct Compressed {
+/// What [`CompressedTar::take`] found.
+enum Taken {
+    /// A decoder, and the position it started at (its key in the pool's `busy` list).
+    Decoder(Box<dyn ForwardDecoder>, u64),
+    /// While waiting for another reader's decoder, the block was cached.
+    CachedMeanwhile,
+}
+
+/// Random access to the decompressed tar stream of a compressed archive.
+pub struct CompressedTar {
     src: Arc<dyn Source>,
     codec: Codec,
-    points: Box<[Point]>,
-    windows: Windows,
+    points: Box<[RestartPoint]>,
+    windows: WindowStore,
     total: u64,
     pool: Mutex<Pool>,
     cv: Condvar,
-    blocks: Option<BlockCache>,
+    blocks: Option<FileBlockCache>,
     /// Recently decoded blocks.
-    mem: Mutex<LruCache<u64, Arc<[u8]>>>,
+    mem: ByteCache<u64, Arc<[u8]>>,
     pub decoded: AtomicU64,
 }
 
-impl std::fmt::Debug for Compressed {
+impl std::fmt::Debug for CompressedTar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Compressed").field("codec", &self.codec).field("points", &self.points.len()).finish()
+        f.debug_struct("CompressedTar").field("codec", &self.codec).field("points", &self.points.len()).finish()
     }
 }
 
-impl Compressed {
+impl CompressedTar {
     /// `cache` is where the block cache (if the stream needs one) may keep up to `cache_bytes`.
     pub fn new(
         src: Arc<dyn Source>,
         codec: Codec,
-        points: Vec<Point>,
-        windows: Windows,
+        points: Vec<RestartPoint>,
+        windows: WindowStore,
         total: u64,
         cache: Option<&Path>,
         cache_bytes: u64,
     ) -> Result<Self> {
         let longest = longest_interval(&points, total);
-        let blocks = if longest > LONG { Some(BlockCache::new(cache, cache_bytes)?) } else { None };
-        Ok(Compressed {
+        let blocks = if longest > LONG { Some(FileBlockCache::new(cache, cache_bytes)?) } else { None };
+        Ok(CompressedTar {
             src,
             codec,
             points: points.into(),
@@ -260,7 +177,7 @@ impl Compressed {
             pool: Mutex::new(Pool { idle: Vec::new(), busy: Vec::new(), tick: 0 }),
             cv: Condvar::new(),
             blocks,
-            mem: Mutex::new(LruCache::new(MEM_BLOCKS)),
+            mem: ByteCache::new(MEM_CACHE_BYTES),
             decoded: AtomicU64::new(0),
         })
     }
@@ -277,24 +194,29 @@ impl Compressed {
         self.blocks.as_ref().map(|b| b.slots as u64 * BLOCK)
     }
 
-    fn point_before(&self, off: u64) -> Point {
+    fn point_before(&self, off: u64) -> RestartPoint {
         let i = self.points.partition_point(|p| p.out <= off);
-        self.points[i.saturating_sub(1)]
+        // The index pass records a point at the start; one read back without any starts there too.
+        self.points.get(i.saturating_sub(1)).copied().unwrap_or(RestartPoint::new(0, 0, 0, true))
     }
 
-    fn open(&self, p: &Point) -> Result<Box<dyn Cursor>> {
+    fn open(&self, p: &RestartPoint) -> Result<Box<dyn ForwardDecoder>> {
         Ok(match self.codec {
             Codec::Gzip => {
-                let w = window_of(&self.windows, p)?;
+                let w = self.windows.window(p)?;
                 Box::new(GzDecoder::at(self.src.clone(), p, &w)?)
             }
             _ => Box::new(ZstdDecoder::at(self.src.clone(), p)?),
         })
     }
 
-    /// An idle cursor standing in `[from, off]` (the closest), or a new one at `p`. With
-    /// `wait`, a cursor in use that started in that range is waited for instead.
-    fn take(&self, off: u64, p: &Point, wait: bool) -> Result<(Box<dyn Cursor>, u64)> {
+    fn is_cached(&self, b: u64) -> bool {
+        self.mem.get(&b).is_some() || self.blocks.as_ref().is_some_and(|c| c.contains(b))
+    }
+
+    /// An idle decoder standing in `[from, off]` (the closest), or a new one at `p`. With
+    /// `wait`, a decoder in use that started in that range is waited for instead.
+    fn take(&self, off: u64, p: &RestartPoint, wait: bool) -> Result<Taken> {
         let mut pool = self.pool.lock();
         loop {
             let best = pool
@@ -308,16 +230,14 @@ impl Compressed {
                 let (c, _) = pool.idle.swap_remove(i);
                 let s = c.pos();
                 pool.busy.push(s);
-                return Ok((c, s));
+                return Ok(Taken::Decoder(c, s));
             }
             // A decoder that started a little before the point is as good as a new one at it.
             let from = p.out.min(off.saturating_sub(2 * super::gzip::SPAN));
             if wait && pool.busy.iter().any(|&s| s >= from && s <= off) {
                 self.cv.wait(&mut pool);
-                if self.mem.lock().contains(&(off / BLOCK))
-                    || self.blocks.as_ref().is_some_and(|b| b.contains(off / BLOCK))
-                {
-                    return Err(Error::new(crate::error::Kind::Stale, "cached meanwhile"));
+                if self.is_cached(off / BLOCK) {
+                    return Ok(Taken::CachedMeanwhile);
                 }
                 continue;
             }
@@ -326,7 +246,7 @@ impl Compressed {
         }
         drop(pool);
         match self.open(p) {
-            Ok(c) => Ok((c, p.out)),
+            Ok(c) => Ok(Taken::Decoder(c, p.out)),
             Err(e) => {
                 self.release(p.out, None);
                 Err(e)
@@ -334,7 +254,7 @@ impl Compressed {
         }
     }
 
-    fn release(&self, start: u64, c: Option<Box<dyn Cursor>>) {
+    fn release(&self, start: u64, c: Option<Box<dyn ForwardDecoder>>) {
         let mut pool = self.pool.lock();
         if let Some(i) = pool.busy.iter().position(|&s| s == start) {
             pool.busy.swap_remove(i);
@@ -343,7 +263,7 @@ impl Compressed {
             pool.tick += 1;
             let t = pool.tick;
             pool.idle.push((c, t));
-            if pool.idle.len() > MAX_CURSORS
+            if pool.idle.len() > MAX_IDLE_DECODERS
                 && let Some(i) = pool.idle.iter().enumerate().min_by_key(|(_, (_, t))| *t).map(|(i, _)| i)
             {
                 pool.idle.swap_remove(i);
@@ -353,13 +273,13 @@ impl Compressed {
         self.cv.notify_all();
     }
 
-    fn early_end(&self, at: u64) -> Error {
-        Error::corrupt(format!("{} stream ends early: no data at decompressed offset {at:#x}", self.codec.name()))
+    fn early_end(&self, at: u64) -> CrateError {
+        Error::StreamEndsEarly { codec: self.codec.name(), at }.into()
     }
 
-    /// Decodes forward from the cursor's position to `to` (a block boundary), keeping every
+    /// Decodes forward from the decoder's position to `to` (a block boundary), keeping every
     /// whole block passed; a partial block before the first boundary is discarded.
-    fn advance(&self, c: &mut dyn Cursor, to: u64, scratch: &mut Vec<u8>) -> Result<()> {
+    fn advance(&self, c: &mut dyn ForwardDecoder, to: u64, scratch: &mut Vec<u8>) -> Result<()> {
         while c.pos() < to {
             let pos = c.pos();
             if pos.is_multiple_of(BLOCK) {
@@ -369,7 +289,7 @@ impl Compressed {
             }
             let n = (to - pos).min(BLOCK - pos % BLOCK) as usize;
             scratch.resize(n, 0);
-            let got = c.read(&mut scratch[..n])?;
+            let got = c.decode(&mut scratch[..n])?;
             if got == 0 {
                 return Err(self.early_end(pos));
             }
@@ -378,13 +298,13 @@ impl Compressed {
         Ok(())
     }
 
-    fn decode_block<'a>(&self, c: &mut dyn Cursor, scratch: &'a mut Vec<u8>) -> Result<&'a [u8]> {
+    fn decode_block<'a>(&self, c: &mut dyn ForwardDecoder, scratch: &'a mut Vec<u8>) -> Result<&'a [u8]> {
         let pos = c.pos();
-        let n = BLOCK.min(self.total - pos) as usize;
+        let n = BLOCK.min(self.total.saturating_sub(pos)) as usize;
         scratch.resize(n, 0);
         let mut done = 0;
         while done < n {
-            let got = c.read(&mut scratch[done..n])?;
+            let got = c.decode(&mut scratch[done..n])?;
             if got == 0 {
                 return Err(self.early_end(pos + done as u64));
             }
@@ -399,12 +319,12 @@ impl Compressed {
         if let Some(bc) = self.blocks.as_ref() {
             bc.put(b, &data);
         }
-        self.mem.lock().put(b, data);
+        self.mem.insert(b, data);
     }
 
     /// Copies from block `b` at `within` if it is cached (memory, then disk).
     fn cached(&self, b: u64, within: usize, out: &mut [u8]) -> Result<bool> {
-        if let Some(d) = self.mem.lock().get(&b).cloned() {
+        if let Some(d) = self.mem.get(&b) {
             if d.len() < within + out.len() {
                 return Err(self.early_end(b * BLOCK + d.len() as u64));
             }
@@ -421,7 +341,7 @@ impl Compressed {
     /// a small memory cache (and the disk cache where the stream needs it), so concurrent and
     /// slightly out-of-order sequential readers decode each block once.
     pub fn read_exact_at(&self, off: u64, buf: &mut [u8]) -> Result<()> {
-        let end = off + buf.len() as u64;
+        let end = off.checked_add(buf.len() as u64).ok_or_else(|| self.early_end(self.total))?;
         if end > self.total {
             return Err(self.early_end(self.total));
         }
@@ -449,10 +369,9 @@ impl Compressed {
         let start_off = b * BLOCK;
         let p = self.point_before(start_off);
         // Wait for a decoder already heading here rather than start another one behind it.
-        let (mut c, start) = match self.take(start_off, &p, true) {
-            Ok(x) => x,
-            Err(e) if e.kind() == crate::error::Kind::Stale => return Ok(None),
-            Err(e) => return Err(e),
+        let (mut c, start) = match self.take(start_off, &p, true)? {
+            Taken::Decoder(c, start) => (c, start),
+            Taken::CachedMeanwhile => return Ok(None),
         };
         let mut scratch = Vec::new();
         let r = self.advance(c.as_mut(), start_off, &mut scratch).and_then(|_| {
@@ -465,7 +384,7 @@ impl Compressed {
     }
 }
 
-impl Drop for Compressed {
+impl Drop for CompressedTar {
     fn drop(&mut self) {
         log::info!(
             "{}: decoded {} bytes of a {}-byte stream while serving reads",
@@ -476,7 +395,7 @@ impl Drop for Compressed {
     }
 }
 
-fn longest_interval(points: &[Point], total: u64) -> u64 {
+fn longest_interval(points: &[RestartPoint], total: u64) -> u64 {
     let mut longest = 0;
     for (i, p) in points.iter().enumerate() {
         let next = points.get(i + 1).map_or(total, |q| q.out);
@@ -486,7 +405,7 @@ fn longest_interval(points: &[Point], total: u64) -> u64 {
 }
 
 /// Decompressed blocks in an unlinked file, at most `slots` of them, least recently used out.
-struct BlockCache {
+struct FileBlockCache {
     file: File,
     slots: u32,
     map: Mutex<BlockMap>,
@@ -499,22 +418,25 @@ struct BlockMap {
     pins: Vec<u32>,
 }
 
-impl BlockCache {
+impl FileBlockCache {
     fn new(dir: Option<&Path>, bytes: u64) -> Result<Self> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         let dir = dir.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        let path = dir.join(format!(".xva-blocks-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io(format!("creating the block cache {}", path.display()), e))?;
+        // A name already taken (a stale file, something planted) moves on to the next one.
+        let mut attempts = 0;
+        let (file, path) = loop {
+            let name = format!(".xva-blocks-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+            let path = dir.join(&name);
+            match create_private_file(&dir, &name) {
+                Ok(f) => break (f, path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempts < 8 => attempts += 1,
+                Err(e) => return Err(CrateError::io(format!("creating the block cache {}", path.display()), e)),
+            }
+        };
         let _ = std::fs::remove_file(&path); // lives until closed, even after a crash
         let slots = (bytes / BLOCK).clamp(8, u32::MAX as u64) as u32;
         log::info!("block cache of {} MiB in {}", (slots as u64 * BLOCK) >> 20, dir.display());
-        Ok(BlockCache {
+        Ok(FileBlockCache {
             file,
             slots,
             map: Mutex::new(BlockMap {
@@ -543,7 +465,7 @@ impl BlockCache {
         };
         let r = self.file.read_exact_at(out, slot as u64 * BLOCK + within as u64);
         self.map.lock().pins[slot as usize] -= 1;
-        r.map_err(|e| Error::io("reading the block cache", e))?;
+        r.map_err(|e| CrateError::io("reading the block cache", e))?;
         Ok(true)
     }
 
