@@ -84,6 +84,7 @@ impl Shared {
 /// One sequential reader being followed.
 #[derive(Clone, Copy, Default)]
 struct Stream {
+    start: u64,
     end: u64,
     window: u64,
     /// Highest chunk already asked for.
@@ -232,8 +233,9 @@ impl RemoteSource {
     }
 
     /// Follows sequential readers: a read that continues one (within a little slack, since
-    /// FUSE threads may deliver a stream's pieces out of order) doubles its window, up to
-    /// `readahead`, and the chunks in the window are asked for without waiting.
+    /// FUSE threads may deliver a stream's pieces out of order) extends it. Once a stream has
+    /// read 1 MiB in order, as much again (up to `readahead`) is asked for ahead of it without
+    /// waiting; scattered table reads at open never trigger it.
     fn read_ahead(&self, off: u64, end: u64) {
         if self.readahead == 0 {
             return;
@@ -246,12 +248,15 @@ impl RemoteSource {
             let hit = streams.iter_mut().find(|s| s.end > 0 && off + slack >= s.end && off <= s.end + s.window + slack);
             let Some(s) = hit else {
                 let lru = streams.iter_mut().min_by_key(|s| s.used).expect("streams");
-                *lru = Stream { end, window: 0, ahead: 0, used: *clock };
+                *lru = Stream { start: off, end, window: 0, ahead: 0, used: *clock };
                 return;
             };
             s.end = s.end.max(end);
             s.used = *clock;
-            s.window = (s.window * 2).clamp(2 * self.chunk, self.readahead);
+            if s.end - s.start < 1 << 20 {
+                return;
+            }
+            s.window = (s.end - s.start).min(self.readahead);
             let last = (s.end + s.window).min(self.stat.size).div_ceil(self.chunk);
             let from = s.ahead.max(s.end.div_ceil(self.chunk));
             s.ahead = s.ahead.max(last);
