@@ -31,6 +31,19 @@ impl Drop for DdConn {
     }
 }
 
+/// Removes control directories left by vdiskfs processes that are gone (a mount daemon ends
+/// without dropping its connections).
+fn sweep_stale_dirs() {
+    let Ok(rd) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("vdiskfs-ssh-").and_then(|r| r.split('-').next()) else { continue };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// `s` quoted for a POSIX shell.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -68,11 +81,15 @@ impl DdConn {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("vdiskfs-ssh-{}-{n}", std::process::id()));
         let local = |e: std::io::Error| RemoteError::Local(format!("{}: {e}", dir.display()));
+        sweep_stale_dirs();
         std::fs::create_dir_all(&dir).map_err(local)?;
         let sock = dir.join("ctl").to_string_lossy().into_owned();
         let mut argv = conns.argv();
         argv.extend(["-S".to_string(), sock.clone()]);
-        let mut master = command(&argv, &["-M", "-N", "-o", "ControlPersist=no", "--", &conns.host.host])
+        // The master's session reads our pipe: when vdiskfs ends, however it ends, the pipe
+        // closes, the session ends and so does the master (ControlPersist=no).
+        let mut master = command(&argv, &["-M", "-o", "ControlPersist=no", "--", &conns.host.host, "cat >/dev/null"])
+            .stdin(Stdio::piped())
             .spawn()
             .map_err(|e| RemoteError::Connect { host: host.clone(), detail: format!("cannot run ssh: {e}") })?;
         let err = collect_stderr(master.stderr.take());
