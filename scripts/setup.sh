@@ -49,11 +49,12 @@ add_backports() {
 add_backports
 apt-get update -q
 
-# Tools the tests run, and the independent readers they compare with.
+# Tools the tests run, and the independent readers they compare with. openssh-server: the
+# remote tests start their own sshd on 127.0.0.1 (the system's own sshd service is not used).
 apt-get install -y -q --no-install-recommends \
   fuse3 kpartx fdisk e2fsprogs util-linux mount xz-utils gzip zstd xxhash tar \
   libvhdi-utils libvmdk-utils qemu-utils xva-img python3-pip \
-  fio bc
+  fio bc openssh-server openssh-client openssh-sftp-server
 
 # guestfish (libguestfs, a TCG appliance) for the overlay tests. Its qemu-system must match
 # qemu-utils: take it from backports when qemu-utils came from there.

@@ -10,6 +10,7 @@ use vdiskfs::fs::fuse::FuseOptions;
 use vdiskfs::gate::Policy;
 use vdiskfs::open::OpenOptions;
 use vdiskfs::source::Location;
+use vdiskfs::source::remote::{self, RemoteOptions};
 use vdiskfs::{Error, Result};
 
 const ABOUT: &str = "Mount VHD, VHDX, VMDK and XVA snapshot chains as flat raw image files.";
@@ -28,7 +29,9 @@ Examples:
   vdiskfs mount --daemon child.vhd /mnt/v     then: qemu-img convert -O qcow2 /mnt/v/child.raw out.qcow2
   fusermount3 -u /mnt/v                       unmount (or Ctrl-C a foreground mount)
   vdiskfs mount --overlay fix.ovl child.vhd /mnt/v   writable; writes go to fix.ovl, never to the images
-  vdiskfs export --overlay fix.ovl child.vhd /dev/vg/vm-disk   chain + overlay onto the target";
+  vdiskfs export --overlay fix.ovl child.vhd /dev/vg/vm-disk   chain + overlay onto the target
+  vdiskfs mount --daemon ssh://root@esx/vmfs/volumes/ds1/vm/vm-000002.vmdk /mnt/v
+                                              a chain where it lives, read over ssh as needed";
 
 #[derive(Debug, Parser)]
 #[command(name = "vdiskfs", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -109,11 +112,12 @@ impl Command {
     }
 }
 
-/// How parents are found and checked (shared by every subcommand).
+/// How parents are found and checked, and how remote images are read (every subcommand).
 #[derive(Debug, Args, Clone)]
 pub struct OpenArgs {
     /// Also look for parents (by file name) in DIR; repeatable. Parents found through relative
-    /// locators must lie in the image's own directory or one of these.
+    /// locators must lie in the image's own directory or one of these. DIR may be
+    /// ssh://[user@]host[:port]/dir for an image on that host.
     #[arg(long = "parent-dir", value_name = "DIR")]
     pub parent_dirs: Vec<PathBuf>,
     /// Follow absolute and out-of-tree parent paths stored in images. Off by default: a crafted
@@ -127,9 +131,25 @@ pub struct OpenArgs {
     /// Refuse chains deeper than N layers.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_DEPTH)]
     pub max_depth: usize,
-    /// Directory for archive indexes (XVA) [default: $XDG_CACHE_HOME/vdiskfs or ~/.cache/vdiskfs].
+    /// Directory for archive indexes (XVA) and the chunk cache of remote images [default:
+    /// $XDG_CACHE_HOME/vdiskfs or ~/.cache/vdiskfs].
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Bound of the remote chunk cache in --cache-dir (K, M, G, T suffixes; 0: memory only);
+    /// least recently used chunks go first.
+    #[arg(long, value_name = "SIZE", default_value = "8G", value_parser = parse_size)]
+    pub cache_size: u64,
+    /// Remote images: a read the host cannot answer within SECS fails with EIO (the mount stays
+    /// up; later reads reconnect).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+    /// Remote images: the ssh client and its options, like rsync -e (for example
+    /// "ssh -F ./cfg -i key"). vdiskfs adds BatchMode=yes and keep-alives: it never prompts.
+    #[arg(long, value_name = "CMD", default_value = "ssh")]
+    pub ssh_command: String,
+    /// Remote images: ssh connections per host.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub ssh_connections: usize,
     /// Skip verifying checksums stored in images (XVA chunk checksums), for speed.
     #[arg(long)]
     pub no_verify: bool,
@@ -141,26 +161,74 @@ pub struct OpenArgs {
 
 impl OpenArgs {
     pub fn options(&self) -> Result<OpenOptions> {
+        let mut parent_dirs = Vec::new();
         for d in &self.parent_dirs {
+            if let Some(url) = remote_url(d) {
+                parent_dirs
+                    .push(Location::parse_ssh(url).map_err(|e| Error::usage(format!("--parent-dir {url}: {e}")))?);
+                continue;
+            }
             if !d.is_dir() {
                 return Err(Error::usage(format!("--parent-dir {}: not a directory", d.display())));
             }
+            parent_dirs.push(Location::local(absolute(d)?));
         }
         if self.max_depth == 0 || self.max_depth > MAX_DEPTH_LIMIT {
             return Err(Error::usage(format!("--max-depth must be between 1 and {MAX_DEPTH_LIMIT}")));
         }
-        let parent_dirs = self.parent_dirs.iter().map(|d| absolute(d).map(Location::local)).collect::<Result<_>>()?;
+        if self.timeout == 0 || self.timeout > 3600 {
+            return Err(Error::usage("--timeout must be between 1 and 3600 seconds"));
+        }
+        if self.ssh_connections == 0 || self.ssh_connections > 16 {
+            return Err(Error::usage("--ssh-connections must be between 1 and 16"));
+        }
+        let ssh_command = remote::split_command(&self.ssh_command)
+            .ok_or_else(|| Error::usage(format!("--ssh-command {:?}: empty or unbalanced quotes", self.ssh_command)))?;
         let cache_dir = match &self.cache_dir {
             Some(d) => absolute(d)?,
             None => default_cache_dir(),
+        };
+        let remote = RemoteOptions {
+            ssh_command,
+            timeout: std::time::Duration::from_secs(self.timeout),
+            cache_dir: (self.cache_size > 0).then(|| cache_dir.clone()),
+            cache_bytes: self.cache_size,
+            connections: self.ssh_connections,
+            ..RemoteOptions::default()
         };
         Ok(OpenOptions {
             policy: Policy { parent_dirs, trust_locators: self.trust_locators, allow_devices: self.allow_devices },
             limits: Limits { max_depth: self.max_depth, check_identity: !self.ignore_parent_id },
             xva: xva::Options { cache_dir: Some(cache_dir), verify: !self.no_verify, ..Default::default() },
+            remote,
             ..OpenOptions::default()
         })
     }
+}
+
+/// The text of an `ssh://` argument, if it is one.
+fn remote_url(p: &Path) -> Option<&str> {
+    p.to_str().filter(|s| s.starts_with("ssh://"))
+}
+
+/// `8G`, `512M`, `100000` (bytes): a size with an optional binary suffix.
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: use a number with K, M, G or T")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("{s:?}: not a size"))?;
+    n.checked_shl(shift).filter(|v| v >> shift == n).ok_or_else(|| format!("{s:?}: too large"))
 }
 
 /// A path from the command line, made absolute (the daemon changes its directory to `/`).
@@ -168,9 +236,12 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::io(p.display().to_string(), e))
 }
 
-/// An IMAGE argument as a location.
+/// An IMAGE argument as a location: a local path, or `ssh://[user@]host[:port]/path`.
 pub fn image(p: &Path) -> Result<Location> {
-    absolute(p).map(Location::local)
+    match remote_url(p) {
+        Some(url) => Location::parse_ssh(url).map_err(|e| Error::from(e).in_file(url)),
+        None => absolute(p).map(Location::local),
+    }
 }
 
 /// `$XDG_CACHE_HOME/vdiskfs`, else `~/.cache/vdiskfs`, else `/var/cache/vdiskfs`.

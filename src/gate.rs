@@ -17,13 +17,20 @@
 //! The files vdiskfs writes for itself in its cache directory (XVA indexes, block caches) are
 //! created here too ([`create_private_file`]): new, private, and never through a name someone
 //! else placed in that directory.
+//!
+//! Names on an ssh host pass the same three checks on that host: confinement is lexical on the
+//! remote path (a parent or extent resolves on the image's own host, never another); a symlink
+//! is followed only when the host's `realpath` of it lies inside the image's directory or a
+//! remote `--parent-dir` (each also resolved by the host), or is a `/dev/dm-N` node where block
+//! devices are allowed; the file type comes from the host's `stat` before anything is opened.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Kind, Result};
 use crate::layer::Hint;
-use crate::source::{FileTypes, LocalSource, Location, Source, normalize};
+use crate::source::remote::{RemoteKind, Remotes};
+use crate::source::{FileTypes, LocalSource, Location, Source, SshPath, normalize, normalize_remote};
 
 /// What the user allows beyond the defaults.
 #[derive(Debug, Clone, Default)]
@@ -95,12 +102,24 @@ impl ErrorKind for GateError {
 pub struct Gate {
     policy: Arc<Policy>,
     devices: bool,
+    remotes: Option<Arc<Remotes>>,
 }
 
 impl Gate {
     pub fn new(policy: Arc<Policy>) -> Self {
         let devices = policy.allow_devices;
-        Gate { policy, devices }
+        Gate { policy, devices, remotes: None }
+    }
+
+    /// A gate that can also open names on ssh hosts, through `remotes`.
+    pub fn with_remotes(policy: Arc<Policy>, remotes: Arc<Remotes>) -> Self {
+        Gate { remotes: Some(remotes), ..Gate::new(policy) }
+    }
+
+    fn remotes(&self, loc: &Location) -> Result<&Arc<Remotes>> {
+        self.remotes
+            .as_ref()
+            .ok_or_else(|| Error::internal("a remote name reached a gate without remote access").in_file(loc))
     }
 
     pub fn policy(&self) -> &Policy {
@@ -113,8 +132,13 @@ impl Gate {
         match loc {
             Location::Local(p) => {
                 let src = LocalSource::open(p, FileTypes::RegularOrBlockDevice)?;
-                let gate = Gate { policy: self.policy.clone(), devices: self.devices || src.is_block_device() };
+                let gate = Gate { devices: self.devices || src.is_block_device(), ..self.clone() };
                 Ok((gate, Arc::new(src)))
+            }
+            Location::Ssh(p) => {
+                let src = self.remotes(loc)?.open(p, FileTypes::RegularOrBlockDevice)?;
+                let gate = Gate { devices: self.devices || src.stat().kind == RemoteKind::BlockDevice, ..self.clone() };
+                Ok((gate, src))
             }
         }
     }
@@ -136,8 +160,16 @@ impl Gate {
                 continue;
             }
             if is_absolute(&path) {
-                if p.trust_locators && path.starts_with('/') {
-                    push(Location::local(&path), FoundBy::Locator(h.kind.clone()), &mut out);
+                if p.trust_locators {
+                    let abs = match base_dir {
+                        // On an ssh host, an absolute name stays on that host (`C:/x` → `/C:/x`).
+                        Location::Ssh(_) if !path.starts_with('/') => base_dir.join(&format!("/{path}")),
+                        Location::Ssh(_) => base_dir.join(&path),
+                        Location::Local(_) => path.starts_with('/').then(|| Location::local(&path)),
+                    };
+                    if let Some(l) = abs {
+                        push(l, FoundBy::Locator(h.kind.clone()), &mut out);
+                    }
                 }
                 continue;
             }
@@ -180,10 +212,48 @@ impl Gate {
                     let Ok(target) = std::fs::canonicalize(p) else { return Ok(None) };
                     self.check_symlink(p, &target, base_dir).map_err(|e| e.in_file(&c.loc))?;
                 }
-                let accept = if self.devices { FileTypes::RegularOrBlockDevice } else { FileTypes::RegularOnly };
-                Ok(Some(Arc::new(LocalSource::open(p, accept)?)))
+                Ok(Some(Arc::new(LocalSource::open(p, self.accept())?)))
             }
+            Location::Ssh(p) => self.open_remote(p, base_dir),
         }
+    }
+
+    fn accept(&self) -> FileTypes {
+        if self.devices { FileTypes::RegularOrBlockDevice } else { FileTypes::RegularOnly }
+    }
+
+    /// [`Gate::open_named`] on an ssh host: `lstat`, then `realpath` for a symlink, then open.
+    fn open_remote(&self, p: &SshPath, base_dir: &Location) -> Result<Option<Arc<dyn Source>>> {
+        let loc = Location::Ssh(p.clone());
+        let r = self.remotes(&loc)?;
+        let Some(st) = r.lstat(p)? else { return Ok(None) };
+        if st.kind == RemoteKind::Symlink && !self.policy.trust_locators {
+            let target = match r.realpath(p) {
+                Ok(t) => t,
+                Err(e) if e.kind() == Kind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            self.check_remote_symlink(r, &target, base_dir).map_err(|e| e.in_file(&loc))?;
+        }
+        Ok(Some(r.open(p, self.accept())?))
+    }
+
+    /// A remote symlink's target (the host's realpath) must lie in the realpath of the image's
+    /// directory or of a `--parent-dir` on the same host, or be a device-mapper node where block
+    /// devices are allowed (XenServer LVM names).
+    fn check_remote_symlink(&self, r: &Remotes, target: &SshPath, base_dir: &Location) -> Result<()> {
+        let roots = std::iter::once(base_dir).chain(self.policy.parent_dirs.iter());
+        let inside = roots.filter_map(|d| d.as_ssh()).filter(|d| d.host == target.host).any(|d| {
+            let t = Location::Ssh(target.clone());
+            r.realpath(d).is_ok_and(|real| t.is_within(&Location::Ssh(real)))
+        });
+        let dm = normalize_remote(&target.path).is_some_and(|t| {
+            t.strip_prefix("/dev/dm-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if inside || (self.devices && dm) {
+            return Ok(());
+        }
+        Err(Error::from(GateError::SymlinkEscapes { target: Location::Ssh(target.clone()).to_string() }))
     }
 
     /// A symlink's final target must pass the confinement that its name passed, compared on

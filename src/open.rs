@@ -14,6 +14,7 @@ use crate::formats::{self, FormatContext, Opened, xva};
 use crate::gate::{Candidate, Gate, Lookup, Policy};
 use crate::layer::{Layer, ParentRef};
 use crate::progress::Progress;
+use crate::source::remote::{RemoteOptions, Remotes};
 use crate::source::{FileId, Location};
 
 /// Everything that decides how images are opened.
@@ -27,6 +28,8 @@ pub struct OpenOptions {
     pub map_cache_bytes: usize,
     /// XVA settings (cache directory, checksum verification).
     pub xva: xva::Options,
+    /// How files on ssh hosts are reached and cached.
+    pub remote: RemoteOptions,
 }
 
 impl Default for OpenOptions {
@@ -36,6 +39,7 @@ impl Default for OpenOptions {
             limits: Limits::default(),
             map_cache_bytes: 64 << 20,
             xva: Default::default(),
+            remote: RemoteOptions::default(),
         }
     }
 }
@@ -43,9 +47,10 @@ impl Default for OpenOptions {
 /// Opens every image as disks, named uniquely (`<stem>.raw`, then `<stem>-2.raw`, …).
 pub fn open_images(images: &[Location], opts: &OpenOptions, progress: &dyn Progress) -> Result<Vec<Disk>> {
     let policy = Arc::new(opts.policy.clone());
+    let gate = Gate::with_remotes(policy, Remotes::new(opts.remote.clone()));
     let mut disks: Vec<Disk> = Vec::new();
     for img in images {
-        for (name, chain, mtime) in open_image(img, &policy, opts, progress)? {
+        for (name, chain, mtime) in open_image(img, &gate, opts, progress)? {
             let name = unique_name(name, &disks);
             disks.push(Disk::new(name, chain, mtime));
         }
@@ -56,11 +61,11 @@ pub fn open_images(images: &[Location], opts: &OpenOptions, progress: &dyn Progr
 /// One image: a chain named after its file, or every disk of an XVA.
 fn open_image(
     img: &Location,
-    policy: &Arc<Policy>,
+    gate: &Gate,
     opts: &OpenOptions,
     progress: &dyn Progress,
 ) -> Result<Vec<(String, Chain, SystemTime)>> {
-    let (gate, src) = Gate::new(policy.clone()).open_top(img)?;
+    let (gate, src) = gate.open_top(img)?;
     let id = src.id();
     let mtime = id.map_or(SystemTime::UNIX_EPOCH, mtime_of);
     let ctx = FormatContext { gate: &gate, xva: &opts.xva, progress };
@@ -68,6 +73,7 @@ fn open_image(
         Opened::Layer(layer) => {
             let top = Link { layer, id, found: None };
             let chain = Chain::open(top, &Resolver { ctx }, opts.limits, opts.map_cache_bytes)?;
+            note_identities(&chain)?;
             Ok(vec![(formats::raw_name(&img.file_name()), chain, mtime)])
         }
         Opened::Disks(disks) => Ok(disks
@@ -75,6 +81,22 @@ fn open_image(
             .map(|(name, layer)| (name, Chain::from_layers(vec![layer], opts.map_cache_bytes), mtime))
             .collect()),
     }
+}
+
+/// Tells every source which layer identity was read from it (a remote chunk cache checks that
+/// the bytes it kept belong to the same version).
+fn note_identities(chain: &Chain) -> Result<()> {
+    for l in chain.layers() {
+        let ids = l.identity();
+        if ids.is_empty() {
+            continue;
+        }
+        let text = ids.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" ");
+        for s in l.sources() {
+            s.note_identity(&text)?;
+        }
+    }
+    Ok(())
 }
 
 fn mtime_of(id: FileId) -> SystemTime {

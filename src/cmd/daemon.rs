@@ -8,11 +8,15 @@ use std::path::{Path, PathBuf};
 use vdiskfs::{Error, Result};
 
 /// The child's end of the readiness pipe: the parent exits with what it reports.
-pub struct Ready(std::fs::File);
+pub struct Ready(std::fs::File, Option<PathBuf>);
 
 impl Ready {
-    /// Reports success, with the lines the parent prints.
+    /// Reports success, with the lines the parent prints, and lets go of the terminal.
     pub fn ok(mut self, text: &str) {
+        if let Err(e) = redirect_stdio(self.1.as_deref()) {
+            let _ = writeln!(self.0, "ERR {e}");
+            std::process::exit(e.exit_code());
+        }
         let _ = write!(self.0, "OK\n{text}");
     }
     /// Reports failure: the parent prints the error and exits non-zero.
@@ -22,7 +26,9 @@ impl Ready {
 }
 
 /// Forks. The parent waits on a pipe for the child's verdict and exits with it; the child
-/// (returned to) detaches and reports readiness through the returned [`Ready`].
+/// (returned to) detaches and reports readiness through the returned [`Ready`]. Until then
+/// the child keeps stderr (progress and warnings reach the terminal); stdin and stdout go to
+/// /dev/null at once, stderr to the log file once it reports.
 pub fn daemonize(log_file: Option<&Path>) -> Result<Ready> {
     let mut fds = [0; 2];
     // SAFETY: plain pipe(2) into a local array.
@@ -39,8 +45,8 @@ pub fn daemonize(log_file: Option<&Path>) -> Result<Ready> {
             // SAFETY: setsid in the child.
             unsafe { libc::setsid() };
             let _ = std::env::set_current_dir("/");
-            redirect_stdio(log_file)?;
-            Ok(Ready(std::fs::File::from(wr)))
+            quiet_stdin_stdout()?;
+            Ok(Ready(std::fs::File::from(wr), log_file.map(Path::to_path_buf)))
         }
         _ => {
             drop(wr);
@@ -55,6 +61,18 @@ pub fn daemonize(log_file: Option<&Path>) -> Result<Ready> {
             std::process::exit(1);
         }
     }
+}
+
+/// Points stdin and stdout at /dev/null.
+fn quiet_stdin_stdout() -> Result<()> {
+    let null =
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/null").map_err(|e| Error::io("/dev/null", e))?;
+    // SAFETY: dup2 onto the standard descriptors.
+    unsafe {
+        libc::dup2(null.as_raw_fd(), 0);
+        libc::dup2(null.as_raw_fd(), 1);
+    }
+    Ok(())
 }
 
 /// Points stdin/stdout at /dev/null and stderr at the log file (or /dev/null), so a daemon

@@ -2,6 +2,7 @@
 
 use serde_json::json;
 use vdiskfs::Result;
+use vdiskfs::layer::Layer;
 use vdiskfs::open::open_images;
 
 use super::human;
@@ -24,6 +25,10 @@ pub fn run(a: &InfoArgs) -> Result<()> {
                     let mut v = serde_json::to_value(l).expect("plain data");
                     v["depth"] = json!(i);
                     v["details"] = l.details.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>().into();
+                    let remote = remote_json(d.chain().layers()[i].as_ref());
+                    if !remote.is_empty() {
+                        v["remote"] = json!(remote);
+                    }
                     v
                 }).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
@@ -62,7 +67,34 @@ pub fn run(a: &InfoArgs) -> Result<()> {
             for (k, v) in &l.details {
                 println!("      {:<w$} {v}", format!("{k}:"));
             }
+            print_remote(d.chain().layers()[i].as_ref());
         }
     }
     Ok(())
+}
+
+/// Where each remote source of a layer lives, how it is read, and what it cost.
+fn print_remote(layer: &dyn Layer) {
+    for s in layer.sources() {
+        if let Some(st) = s.remote_stats() {
+            println!("      remote:        {} (read with {})", s.location(), st.transport);
+            println!(
+                "      transferred:   {} fetched over the network in {} request(s), {} from the cache",
+                human(st.fetched),
+                st.requests,
+                human(st.from_cache)
+            );
+        }
+    }
+}
+
+fn remote_json(layer: &dyn Layer) -> Vec<serde_json::Value> {
+    let srcs = layer.sources();
+    srcs.iter()
+        .filter_map(|s| {
+            let st = s.remote_stats()?;
+            Some(json!({"location": s.location().to_string(), "transport": st.transport,
+                "fetched_bytes": st.fetched, "requests": st.requests, "cache_bytes": st.from_cache}))
+        })
+        .collect()
 }

@@ -16,16 +16,23 @@ use super::progress::Bar;
 use crate::cli::MountConfig;
 
 pub fn run(cfg: MountConfig) -> Result<()> {
-    let disks = open_images(&cfg.images, &cfg.open, &Bar::new(true))?;
-    let disks = attach_overlays(disks, &cfg.overlays, cfg.overlay_cluster)?;
-    let summary: String = disks.iter().map(|d| format!("mounted {}\n", describe(&cfg, d))).collect();
+    // Block the stop signals before any thread starts (remote images start their own), and
+    // detach before opening, so that no thread or ssh process is lost to the fork. A detached
+    // child keeps the terminal's stderr until it reports (progress bars, warnings).
+    let signals = daemon::block_stop_signals();
     let ready = if cfg.daemon { Some(daemon::daemonize(cfg.log_file.as_deref())?) } else { None };
-    match (serve(disks, &cfg), ready) {
-        (Ok(session), Some(r)) => {
+    let opened = open_images(&cfg.images, &cfg.open, &Bar::new(true))
+        .and_then(|disks| attach_overlays(disks, &cfg.overlays, cfg.overlay_cluster));
+    let served = opened.and_then(|disks| {
+        let summary: String = disks.iter().map(|d| format!("mounted {}\n", describe(&cfg, d))).collect();
+        serve(disks, &cfg, signals).map(|s| (s, summary))
+    });
+    match (served, ready) {
+        (Ok((session, summary)), Some(r)) => {
             r.ok(&summary);
             finish(session)
         }
-        (Ok(session), None) => {
+        (Ok((session, summary)), None) => {
             print!("{summary}");
             let _ = std::io::stdout().flush();
             finish(session)
@@ -72,9 +79,8 @@ struct Served {
 }
 
 /// Mounts the disks and starts the signal thread and the background work.
-fn serve(disks: Vec<Disk>, cfg: &MountConfig) -> Result<Served> {
-    // Block the stop signals in every thread before any starts; one thread waits for them.
-    let signals = daemon::block_stop_signals();
+/// `signals` are blocked in every thread; the signal thread waits for them.
+fn serve(disks: Vec<Disk>, cfg: &MountConfig, signals: libc::sigset_t) -> Result<Served> {
     let fs = Arc::new(VdiskFs::new(disks));
     let writable = fs.disks().iter().any(|d| d.writable());
     let mut fcfg = fuser::Config::default();

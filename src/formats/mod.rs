@@ -123,10 +123,7 @@ fn open_as(format: Format, src: Arc<dyn Source>, ctx: &FormatContext) -> Result<
 /// Opens one layer of a chain (a parent): not an XVA, which holds whole disks, not layers.
 pub fn open_layer(src: Arc<dyn Source>, ctx: &FormatContext) -> Result<Arc<dyn Layer>> {
     match detect(src.as_ref())? {
-        Format::Xva => {
-            Err(Error::from(FormatError::XvaAsParent)
-                .in_file(src.location()))
-        }
+        Format::Xva => Err(Error::from(FormatError::XvaAsParent).in_file(src.location())),
         format => match open_as(format, src, ctx)? {
             Opened::Layer(l) => Ok(l),
             Opened::Disks(_) => Err(Error::internal("a layer format opened as disks")),

@@ -1,7 +1,7 @@
 //! Sources: positional, thread-safe reads of one file.
 //!
-//! A [`Source`] is what a format reads from: a local file or block device today, an SFTP or HTTP
-//! range reader later. It has no seek cursor (every read names its offset), it is never mmap'd
+//! A [`Source`] is what a format reads from: a local file or block device, or a file on an ssh
+//! host ([`remote`]; an HTTP range reader later). It has no seek cursor (every read names its offset), it is never mmap'd
 //! (a file truncated underneath would SIGBUS the whole mount), and it is always opened read-only.
 //! [`Location`] names a source in a way that lets a format resolve *relative* names (a parent, an
 //! extent) against it, so that a relative path on a remote host becomes another URL on that host.
@@ -9,12 +9,13 @@
 mod local;
 mod location;
 mod mem;
+pub mod remote;
 
 use std::fmt;
 use std::io;
 
 pub use local::{FileTypes, LocalSource};
-pub use location::{Location, normalize};
+pub use location::{Location, SshHost, SshPath, UrlError, normalize, normalize_remote};
 pub use mem::MemSource;
 
 use crate::error::{ErrorKind, Kind, Result};
@@ -74,6 +75,15 @@ pub trait Source: Send + Sync + fmt::Debug {
     /// Identity of the underlying object, for cycle detection and cache keys.
     fn id(&self) -> Option<FileId> {
         None
+    }
+    /// What a remote source fetched and served from its cache (`None` for a local one).
+    fn remote_stats(&self) -> Option<remote::RemoteStats> {
+        None
+    }
+    /// Told the identity of the layer read from this source once it is known, so a cache of
+    /// its bytes can tell a different version apart.
+    fn note_identity(&self, _identity: &str) -> Result<()> {
+        Ok(())
     }
 
     /// Fills `buf` from `offset`. Running into the end of the file is corruption: the structure

@@ -8,6 +8,7 @@ mod corpus;
 mod layering;
 mod overlay;
 mod robust;
+mod ssh;
 mod vhd;
 mod vhd_bad;
 mod vhdx;

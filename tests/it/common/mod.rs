@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod sshd;
+
 pub use testkit::pattern;
 
 pub fn bin() -> &'static str {
