@@ -16,22 +16,26 @@ use crate::source::{Location, Source};
 
 /// One extent of a layer, placed in the layer's virtual disk.
 #[derive(Debug)]
-pub struct Extent {
+pub struct VmdkExtent {
     pub start: u64,
     pub len: u64,
     pub line: ExtentLine,
     /// The file, if the extent has one.
     pub path: Option<Location>,
-    pub body: Body,
+    pub data: ExtentData,
     /// Set when the file was not where the descriptor says (found by file name instead).
     pub found: Option<FoundBy>,
 }
 
+/// What an extent's bytes are.
 #[derive(Debug)]
-pub enum Body {
+pub enum ExtentData {
+    /// Zeros (a `ZERO` extent), masking any parent.
     Zero,
+    /// Raw data in `src` from byte `offset` (`FLAT`, `VMFS`).
     Flat { src: Arc<dyn Source>, offset: u64 },
-    Sparse(Box<Sparse>),
+    /// Grains found through a grain directory (`SPARSE`, `VMFSSPARSE`, `SESPARSE`).
+    Sparse(Box<SparseExtent>),
 }
 
 /// What kind of sparse file an extent is, for `info`.
@@ -42,69 +46,17 @@ pub enum SparseHeader {
     SeSparse(sesparse::ConstHeader),
 }
 
+/// A sparse extent file: its grain map and the header it was read from.
 #[derive(Debug)]
-pub struct Sparse {
+pub struct SparseExtent {
     pub map: GrainMap,
     pub header: SparseHeader,
 }
 
-impl Sparse {
+impl SparseExtent {
     pub fn compressed(&self) -> bool {
         matches!(&self.header, SparseHeader::Hosted { header, .. } if header.compressed())
     }
-
-    /// A one-line summary for `info`.
-    pub fn summary(&self) -> String {
-        let grain = human_grain(self.map.grain);
-        match &self.header {
-            SparseHeader::Hosted { header: h, footer } => {
-                let mut s = format!(
-                    "hosted sparse (KDMV) version {}, flags {:#x}, {grain} grains, {} entries per grain table, grain directory at sector {}",
-                    h.version,
-                    h.flags,
-                    h.gtes_per_gt,
-                    self.map.gd_offset() / SECTOR
-                );
-                if h.compressed() {
-                    s.push_str(", deflate-compressed grains");
-                }
-                if *footer {
-                    s.push_str(", grain directory found through the footer");
-                }
-                if h.zero_grain() {
-                    s.push_str(", zeroed-grain entries");
-                }
-                if h.flags & hosted::FLAG_RGD != 0 {
-                    s.push_str(", redundant grain directory");
-                }
-                if h.unclean_shutdown {
-                    s.push_str(", unclean shutdown flag set");
-                }
-                s
-            }
-            SparseHeader::Cowd(h) => {
-                let mut s =
-                    format!("ESX sparse (COWD) version {}, {grain} grains, generation {}", h.version, h.generation);
-                if h.unclean_shutdown {
-                    s.push_str(", unclean shutdown flag set");
-                }
-                s
-            }
-            SparseHeader::SeSparse(h) => format!(
-                "SESparse 2.1, {grain} grains, {} entries per grain table, grain directory at sector {} ({} entries), {} grain table slots at sector {}, grains from sector {}",
-                h.entries_per_table(),
-                h.gd_offset,
-                h.gd_entries(),
-                h.table_slots(),
-                h.gt_offset,
-                h.grains_offset
-            ),
-        }
-    }
-}
-
-fn human_grain(b: u64) -> String {
-    if b >= 1024 { format!("{} KiB", b / 1024) } else { format!("{b} B") }
 }
 
 /// Reads a `KDMV` header, taking the footer's copy when the grain directory is at the end.
@@ -234,25 +186,26 @@ impl<'a> ExtentFiles<'a> {
     }
 
     /// Opens extent `i`, which covers `[start, start + line.sectors * 512)` of the disk.
-    pub fn open(&mut self, i: usize, start: u64, line: &ExtentLine) -> Result<Extent> {
+    pub fn open(&mut self, i: usize, start: u64, line: &ExtentLine) -> Result<VmdkExtent> {
         let len = line.sectors * SECTOR;
-        let mk = |path, body| Extent { start, len, line: line.clone(), path, body, found: None };
+        let mk = |path, data| VmdkExtent { start, len, line: line.clone(), path, data, found: None };
         let Some(file) = line.file.as_deref() else {
-            return Ok(mk(None, Body::Zero));
+            return Ok(mk(None, ExtentData::Zero));
         };
         let (loc, src, found) = self.resolve(i, file)?;
-        let body = self.body(i, line, src).map_err(|e| e.in_file(&loc))?;
-        let mut e = mk(Some(loc), body);
+        let data = self.data(i, line, src).map_err(|e| e.in_file(&loc))?;
+        let mut e = mk(Some(loc), data);
         e.found = (!found.as_stored()).then_some(found);
         Ok(e)
     }
 
-    fn body(&mut self, i: usize, line: &ExtentLine, src: Arc<dyn Source>) -> Result<Body> {
+    /// What the bytes of extent `i`, in `src`, are.
+    fn data(&mut self, i: usize, line: &ExtentLine, src: Arc<dyn Source>) -> Result<ExtentData> {
         let len = line.sectors * SECTOR;
         let flen = src.len()?;
         let id = i as u32;
         match line.kind {
-            ExtentType::Zero => Ok(Body::Zero),
+            ExtentType::Zero => Ok(ExtentData::Zero),
             ExtentType::Flat | ExtentType::Vmfs => {
                 let offset = line.offset.saturating_mul(SECTOR);
                 let need = offset.saturating_add(len);
@@ -265,7 +218,7 @@ impl<'a> ExtentFiles<'a> {
                     ))
                     .into());
                 }
-                Ok(Body::Flat { src, offset })
+                Ok(ExtentData::Flat { src, offset })
             }
             ExtentType::Sparse | ExtentType::VmfsSparse => {
                 let head = src.read_vec(0, flen.min(cowd::HEADER_LEN as u64) as usize)?;
@@ -273,7 +226,7 @@ impl<'a> ExtentFiles<'a> {
                     let h = cowd::Header::parse(&head)?;
                     check_capacity(h.sectors, line, self.desc)?;
                     let map = cowd_map(src, &h, len, id, &self.tables)?;
-                    return Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::Cowd(h) })));
+                    return Ok(ExtentData::Sparse(Box::new(SparseExtent { map, header: SparseHeader::Cowd(h) })));
                 }
                 if !head.starts_with(hosted::MAGIC) {
                     return Err(
@@ -290,7 +243,10 @@ impl<'a> ExtentFiles<'a> {
                 }
                 check_capacity(h.capacity, line, self.desc)?;
                 let map = hosted_map(src, &h, len, id, &self.tables)?;
-                Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::Hosted { header: h, footer } })))
+                Ok(ExtentData::Sparse(Box::new(SparseExtent {
+                    map,
+                    header: SparseHeader::Hosted { header: h, footer },
+                })))
             }
             ExtentType::SeSparse => {
                 let h = sesparse::ConstHeader::parse(&src.read_vec(0, flen.min(512) as usize)?)?;
@@ -305,7 +261,7 @@ impl<'a> ExtentFiles<'a> {
                 sesparse::check_volatile(&src.read_vec(vo, 512)?)?;
                 check_capacity(h.capacity, line, self.desc)?;
                 let map = sesparse_map(src, &h, len, id, &self.tables)?;
-                Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::SeSparse(h) })))
+                Ok(ExtentData::Sparse(Box::new(SparseExtent { map, header: SparseHeader::SeSparse(h) })))
             }
         }
     }

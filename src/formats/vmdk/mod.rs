@@ -17,7 +17,7 @@
 //! * **ZERO** extents: zeros, masking the parent.
 //!
 //! Grain tables load lazily (`grains.rs`) into a byte-bounded cache per layer; compressed grains
-//! are inflated once into another (`stream.rs`). Extent files resolve under the same confinement
+//! are inflated once into another (`compressed_grains.rs`). Extent files resolve under the same confinement
 //! rules as parents. A child names its parent by `parentFileNameHint` and must match the parent's
 //! `CID` with its `parentCID` (ffffffff = no parent).
 //!
@@ -32,26 +32,27 @@
 //! grain that fails to inflate, inflates to the wrong size or carries the wrong lba is EIO at read
 //! time. The parent CID mismatch and the missing parent are reported by the chain.
 
+mod compressed_grains;
 mod cowd;
 mod descriptor;
 mod extent;
 mod grains;
 mod hosted;
+mod info;
 mod sesparse;
-mod stream;
 
 use std::sync::Arc;
 
 pub use descriptor::{Descriptor, ExtentLine, ExtentType};
 
 use descriptor::{Access, CreateType, MAX_DESCRIPTOR};
-use extent::{Body, Extent, ExtentFiles, SparseHeader};
+use extent::{ExtentData, ExtentFiles, SparseExtent, SparseHeader, VmdkExtent};
 use grains::ByteLru;
 use hosted::SECTOR;
 
 use crate::error::{Error as CrateError, Kind, Result};
 use crate::gate::Gate;
-use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span};
+use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentRef, Span};
 use crate::source::{Location, Source};
 
 /// What can be wrong with a VMDK's structures.
@@ -99,8 +100,10 @@ const VALIDATE_AT_OPEN_BYTES: u64 = 16 << 20;
 
 /// Where the descriptor came from.
 #[derive(Debug, Clone, Copy)]
-enum DescAt {
-    File,
+enum DescriptorAt {
+    /// A text file of its own (the file opened).
+    Standalone,
+    /// Embedded in the hosted sparse file opened, at `sector`.
     Embedded { sector: u64, sectors: u64 },
 }
 
@@ -109,9 +112,9 @@ enum DescAt {
 pub struct VmdkLayer {
     loc: Location,
     desc: Descriptor,
-    desc_at: DescAt,
+    desc_at: DescriptorAt,
     create_type: String,
-    extents: Vec<Extent>,
+    extents: Vec<VmdkExtent>,
     size: u64,
     parent: Option<ParentRef>,
     /// Allocated bytes, when the tables were scanned at open.
@@ -165,11 +168,11 @@ impl VmdkLayer {
             let text = descriptor::decode_text(&src.read_vec(0, len as usize)?);
             let desc = descriptor::parse(&text)?;
             let extents = Self::open_extents(&desc, &loc, gate, &tables)?;
-            (desc, DescAt::File, extents)
+            (desc, DescriptorAt::Standalone, extents)
         };
         let create_type = match desc.create_type.clone() {
             Some(t) => t,
-            None if matches!(desc_at, DescAt::File) => {
+            None if matches!(desc_at, DescriptorAt::Standalone) => {
                 return Err(Error::Descriptor("no createType line".into()).into());
             }
             None => infer_create_type(&extents).to_string(),
@@ -201,7 +204,7 @@ impl VmdkLayer {
             size,
             parent,
             allocated,
-            inflated: ByteLru::new(stream::INFLATED_CACHE_BYTES),
+            inflated: ByteLru::new(compressed_grains::INFLATED_CACHE_BYTES),
         })
     }
 
@@ -212,7 +215,7 @@ impl VmdkLayer {
         loc: &Location,
         gate: &Gate,
         tables: &Arc<ByteLru<(u32, u64)>>,
-    ) -> Result<(Descriptor, DescAt, Vec<Extent>)> {
+    ) -> Result<(Descriptor, DescriptorAt, Vec<VmdkExtent>)> {
         let (h, footer) = extent::read_hosted_header(src.as_ref())?;
         let flen = src.len()?;
         let text = if h.desc_offset != 0 && h.desc_size != 0 {
@@ -236,7 +239,7 @@ impl VmdkLayer {
             )));
         }
         let desc = descriptor::parse(&text)?;
-        let desc_at = DescAt::Embedded { sector: h.desc_offset, sectors: h.desc_size };
+        let desc_at = DescriptorAt::Embedded { sector: h.desc_offset, sectors: h.desc_size };
         if h.capacity == 0 {
             let extents = Self::open_extents(&desc, loc, gate, tables)?;
             return Ok((desc, desc_at, extents));
@@ -256,8 +259,9 @@ impl VmdkLayer {
                 offset: 0,
             },
         };
-        let body = Body::Sparse(Box::new(extent::Sparse { map, header: SparseHeader::Hosted { header: h, footer } }));
-        Ok((desc, desc_at, vec![Extent { start: 0, len, line, path: Some(loc.clone()), body, found: None }]))
+        let data =
+            ExtentData::Sparse(Box::new(SparseExtent { map, header: SparseHeader::Hosted { header: h, footer } }));
+        Ok((desc, desc_at, vec![VmdkExtent { start: 0, len, line, path: Some(loc.clone()), data, found: None }]))
     }
 
     fn open_extents(
@@ -265,7 +269,7 @@ impl VmdkLayer {
         loc: &Location,
         gate: &Gate,
         tables: &Arc<ByteLru<(u32, u64)>>,
-    ) -> Result<Vec<Extent>> {
+    ) -> Result<Vec<VmdkExtent>> {
         if desc.extents.len() > MAX_EXTENTS {
             return Err(CrateError::unsupported(format!(
                 "{} extents (at most {MAX_EXTENTS} are supported: 64 TiB in 2 GiB pieces)",
@@ -292,7 +296,7 @@ impl VmdkLayer {
         Ok(out)
     }
 
-    fn extent_at(&self, offset: u64) -> (usize, &Extent) {
+    fn extent_at(&self, offset: u64) -> (usize, &VmdkExtent) {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset).min(self.extents.len() - 1);
         (i, &self.extents[i])
     }
@@ -307,10 +311,10 @@ impl VmdkLayer {
         }
         let mut total = 0;
         for e in &self.extents {
-            total += match &e.body {
-                Body::Zero => 0,
-                Body::Flat { .. } => e.len,
-                Body::Sparse(s) => (s.map.validate_tables()? * s.map.grain).min(e.len),
+            total += match &e.data {
+                ExtentData::Zero => 0,
+                ExtentData::Flat { .. } => e.len,
+                ExtentData::Sparse(s) => (s.map.validate_tables()? * s.map.grain).min(e.len),
             };
         }
         Ok(total)
@@ -318,19 +322,19 @@ impl VmdkLayer {
 }
 
 /// The createType a descriptor-less header implies.
-fn infer_create_type(extents: &[Extent]) -> &'static str {
-    match extents.first().map(|e| &e.body) {
-        Some(Body::Sparse(s)) if s.compressed() => "streamOptimized",
+fn infer_create_type(extents: &[VmdkExtent]) -> &'static str {
+    match extents.first().map(|e| &e.data) {
+        Some(ExtentData::Sparse(s)) if s.compressed() => "streamOptimized",
         _ => "monolithicSparse",
     }
 }
 
 /// Reads and checks every grain table when they are small enough in total, so that a bad entry
 /// is refused at open; returns the allocated bytes then.
-fn validate_small_tables(extents: &[Extent]) -> Result<Option<u64>> {
+fn validate_small_tables(extents: &[VmdkExtent]) -> Result<Option<u64>> {
     let mut table_bytes = 0;
     for e in extents {
-        if let Body::Sparse(s) = &e.body {
+        if let ExtentData::Sparse(s) = &e.data {
             let (_, bytes) = s.map.scan_directory().map_err(|err| in_extent(err, e))?;
             table_bytes += bytes;
         }
@@ -340,16 +344,18 @@ fn validate_small_tables(extents: &[Extent]) -> Result<Option<u64>> {
     }
     let mut total = 0;
     for e in extents {
-        total += match &e.body {
-            Body::Zero => 0,
-            Body::Flat { .. } => e.len,
-            Body::Sparse(s) => (s.map.validate_tables().map_err(|err| in_extent(err, e))? * s.map.grain).min(e.len),
+        total += match &e.data {
+            ExtentData::Zero => 0,
+            ExtentData::Flat { .. } => e.len,
+            ExtentData::Sparse(s) => {
+                (s.map.validate_tables().map_err(|err| in_extent(err, e))? * s.map.grain).min(e.len)
+            }
         };
     }
     Ok(Some(total))
 }
 
-fn in_extent(err: CrateError, e: &Extent) -> CrateError {
+fn in_extent(err: CrateError, e: &VmdkExtent) -> CrateError {
     match &e.path {
         Some(p) => err.in_file(p),
         None => err,
@@ -369,10 +375,10 @@ impl Layer for VmdkLayer {
         let (i, e) = self.extent_at(offset);
         let rel = offset - e.start;
         let max = max_len.min(e.len - rel);
-        match &e.body {
-            Body::Zero => Ok(Span::zero(max)),
-            Body::Flat { offset: base, .. } => Ok(Span::data(max, i, base + rel)),
-            Body::Sparse(s) => {
+        match &e.data {
+            ExtentData::Zero => Ok(Span::zero(max)),
+            ExtentData::Flat { offset: base, .. } => Ok(Span::data(max, i, base + rel)),
+            ExtentData::Sparse(s) => {
                 let (g, len) = s.map.run(rel, max).map_err(|err| in_extent(err, e))?;
                 Ok(match g {
                     grains::Grain::Unallocated => self.absent(len),
@@ -390,11 +396,12 @@ impl Layer for VmdkLayer {
         let Some(e) = self.extents.get(i) else {
             return Err(CrateError::corrupt(format!("internal: no extent for source {source}")).in_file(&self.loc));
         };
-        match (&e.body, compressed) {
-            (Body::Flat { src, .. }, false) => src.read_exact_at(buf, offset),
-            (Body::Sparse(s), false) => s.map.src.read_exact_at(buf, offset),
-            (Body::Sparse(s), true) => {
-                stream::read(&s.map, i as u32, &self.inflated, offset, buf).map_err(|err| in_extent(err, e))
+        match (&e.data, compressed) {
+            (ExtentData::Flat { src, .. }, false) => src.read_exact_at(buf, offset),
+            (ExtentData::Sparse(s), false) => s.map.src.read_exact_at(buf, offset),
+            (ExtentData::Sparse(s), true) => {
+                compressed_grains::read_compressed(&s.map, i as u32, &self.inflated, offset, buf)
+                    .map_err(|err| in_extent(err, e))
             }
             _ => Err(CrateError::corrupt(format!("internal: extent {i} has no data to read")).in_file(&self.loc)),
         }
@@ -413,68 +420,7 @@ impl Layer for VmdkLayer {
     }
 
     fn describe(&self) -> Result<LayerInfo> {
-        let d = &self.desc;
-        let mut details = vec![(
-            "descriptor".to_string(),
-            match self.desc_at {
-                DescAt::File => "standalone file".to_string(),
-                DescAt::Embedded { sector, sectors } => {
-                    format!("embedded at sector {sector} ({sectors} sectors)")
-                }
-            },
-        )];
-        let mut push = |k: &str, v: Option<String>| {
-            if let Some(v) = v {
-                details.push((k.to_string(), v));
-            }
-        };
-        push("createType", Some(self.create_type.clone()));
-        push("CID", Some(d.cid.map(|c| format!("{c:08x}")).unwrap_or_else(|| "none".into())));
-        push(
-            "parentCID",
-            d.parent_cid.map(|c| format!("{c:08x}{}", if c == 0xffff_ffff { " (no parent)" } else { "" })),
-        );
-        push("parentFileNameHint", d.parent_hint.clone());
-        push("version", d.version.clone());
-        push("encoding", d.encoding.clone());
-        for k in ["ddb.adapterType", "ddb.virtualHWVersion", "ddb.thinProvisioned", "ddb.longContentID", "ddb.uuid"] {
-            push(k, d.get(k).map(str::to_string));
-        }
-        for (i, e) in self.extents.iter().enumerate() {
-            let mut v = e.line.display();
-            if let Some(p) = &e.path {
-                v.push_str(&format!(" -> {p}"));
-            }
-            if let Some(by) = &e.found {
-                v.push_str(&format!(" (found {})", by.describe()));
-            }
-            v.push_str(&match &e.body {
-                Body::Zero => ": zeros".to_string(),
-                Body::Flat { offset, .. } => format!(": flat data from byte {offset}"),
-                Body::Sparse(s) => format!(": {}", s.summary()),
-            });
-            details.push((format!("extent {i}"), v));
-        }
-        let block_size = self
-            .extents
-            .iter()
-            .find_map(|e| match &e.body {
-                Body::Sparse(s) => Some(s.map.grain),
-                _ => None,
-            })
-            .unwrap_or(0);
-        let parent = self.parent.as_ref().map(ParentInfo::from_ref);
-        Ok(LayerInfo {
-            path: self.loc.to_string(),
-            format: "vmdk",
-            subformat: self.create_type.clone(),
-            virtual_size: self.size,
-            block_size,
-            identity: d.cid.map(|c| format!("{c:08x}")).unwrap_or_else(|| "none".into()),
-            parent,
-            allocated_bytes: self.allocated_bytes()?,
-            details,
-        })
+        info::describe(self)
     }
 }
 

@@ -65,7 +65,7 @@ pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
 
 /// Fills `buf` from byte `rel` of a compressed extent, inflating grains through `cache`
 /// (keyed by extent number and grain).
-pub fn read(map: &GrainMap, ext: u32, cache: &ByteLru<(u32, u64)>, rel: u64, buf: &mut [u8]) -> Result<()> {
+pub fn read_compressed(map: &GrainMap, ext: u32, cache: &ByteLru<(u32, u64)>, rel: u64, buf: &mut [u8]) -> Result<()> {
     let gs = map.grain;
     let mut done = 0usize;
     while done < buf.len() {
@@ -135,7 +135,7 @@ mod tests {
         let m = extent(&[7u8; 1024], 2, &[9u8; 512], 1536);
         let cache = ByteLru::new(1 << 20);
         let mut buf = vec![0u8; 1536];
-        read(&m, 0, &cache, 0, &mut buf).unwrap();
+        read_compressed(&m, 0, &cache, 0, &mut buf).unwrap();
         assert!(buf[..1024].iter().all(|&b| b == 7) && buf[1024..].iter().all(|&b| b == 9));
     }
 
@@ -144,10 +144,12 @@ mod tests {
         let cache = ByteLru::new(1 << 20);
         let mut buf = vec![0u8; 1024];
         let m = extent(&[7u8; 1000], 2, &[9u8; 1024], 2048);
-        assert!(read(&m, 0, &cache, 0, &mut buf).unwrap_err().to_string().contains("inflates to 1000 bytes"));
+        assert!(
+            read_compressed(&m, 0, &cache, 0, &mut buf).unwrap_err().to_string().contains("inflates to 1000 bytes")
+        );
         let m = extent(&[7u8; 1025], 2, &[9u8; 1024], 2048);
-        assert!(read(&m, 0, &cache, 0, &mut buf).unwrap_err().to_string().contains("more than 1024"));
+        assert!(read_compressed(&m, 0, &cache, 0, &mut buf).unwrap_err().to_string().contains("more than 1024"));
         let m = extent(&[7u8; 1024], 5, &[9u8; 1024], 2048);
-        assert!(read(&m, 0, &cache, 1024, &mut buf).unwrap_err().to_string().contains("names sector 5"));
+        assert!(read_compressed(&m, 0, &cache, 1024, &mut buf).unwrap_err().to_string().contains("names sector 5"));
     }
 }
