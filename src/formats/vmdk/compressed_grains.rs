@@ -10,12 +10,9 @@ use std::sync::Arc;
 use flate2::{Decompress, FlushDecompress, Status};
 
 use super::Error;
-use super::grains::{ByteLru, Grain, GrainMap};
+use super::grains::{BufferCache, Grain, GrainMap};
 use super::hosted::{GRAIN_MARKER_LEN, GrainMarker};
 use crate::error::Result;
-
-/// Decompressed grains cached per layer.
-pub const INFLATED_CACHE_BYTES: usize = 32 << 20;
 
 /// Inflates grain `g` of `map`, whose marker is at byte `at`.
 pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
@@ -65,7 +62,7 @@ pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
 
 /// Fills `buf` from byte `rel` of a compressed extent, inflating grains through `cache`
 /// (keyed by extent number and grain).
-pub fn read_compressed(map: &GrainMap, ext: u32, cache: &ByteLru<(u32, u64)>, rel: u64, buf: &mut [u8]) -> Result<()> {
+pub fn read_compressed(map: &GrainMap, ext: u32, cache: &BufferCache, rel: u64, buf: &mut [u8]) -> Result<()> {
     let gs = map.grain;
     let mut done = 0usize;
     while done < buf.len() {
@@ -75,14 +72,8 @@ pub fn read_compressed(map: &GrainMap, ext: u32, cache: &ByteLru<(u32, u64)>, re
         let n = (gs as usize - in_g).min(buf.len() - done);
         match map.lookup(g)? {
             Grain::Compressed(at) => {
-                let data = match cache.get(&(ext, g)) {
-                    Some(d) => d,
-                    None => {
-                        let d: Arc<[u8]> = inflate_grain(map, g, at)?.into();
-                        cache.put((ext, g), d.clone());
-                        d
-                    }
-                };
+                // Inflated with no lock held; a concurrent miss may inflate the same grain too.
+                let data = cache.get_or_load((ext, g), || inflate_grain(map, g, at).map(Arc::from))?;
                 buf[done..done + n].copy_from_slice(&data[in_g..in_g + n]);
             }
             Grain::Zero => buf[done..done + n].fill(0),
@@ -103,7 +94,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::formats::vmdk::grains::Flavor;
+    use crate::formats::vmdk::grains::{Flavor, buffer_cache};
     use crate::source::MemSource;
 
     fn zlib(data: &[u8]) -> Vec<u8> {
@@ -127,13 +118,13 @@ mod tests {
         }
         let src = Arc::new(MemSource::new("s.vmdk", f));
         let flavor = Flavor::Hosted { zero_grain: false, compressed: true };
-        GrainMap::new(src, flavor, 1024, 2, extent_bytes, 512, 1, 0, Arc::new(ByteLru::new(1 << 20))).unwrap()
+        GrainMap::new(src, flavor, 1024, 2, extent_bytes, 512, 1, 0, Arc::new(buffer_cache(1 << 20))).unwrap()
     }
 
     #[test]
     fn grains_inflate_including_a_short_last_grain() {
         let m = extent(&[7u8; 1024], 2, &[9u8; 512], 1536);
-        let cache = ByteLru::new(1 << 20);
+        let cache = buffer_cache(1 << 20);
         let mut buf = vec![0u8; 1536];
         read_compressed(&m, 0, &cache, 0, &mut buf).unwrap();
         assert!(buf[..1024].iter().all(|&b| b == 7) && buf[1024..].iter().all(|&b| b == 9));
@@ -141,7 +132,7 @@ mod tests {
 
     #[test]
     fn wrong_sizes_and_lbas_are_errors() {
-        let cache = ByteLru::new(1 << 20);
+        let cache = buffer_cache(1 << 20);
         let mut buf = vec![0u8; 1024];
         let m = extent(&[7u8; 1000], 2, &[9u8; 1024], 2048);
         assert!(

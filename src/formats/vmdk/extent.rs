@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::Error;
 use super::cowd;
 use super::descriptor::{ExtentLine, ExtentType};
-use super::grains::{ByteLru, Flavor, GrainMap};
+use super::grains::{BufferCache, Flavor, GrainMap};
 use super::hosted::{self, GD_AT_END, SECTOR};
 use super::sesparse;
 use crate::error::{Error as CrateError, Kind, Result};
@@ -78,7 +78,7 @@ pub fn hosted_map(
     h: &hosted::Header,
     extent_bytes: u64,
     id: u32,
-    tables: &Arc<ByteLru<(u32, u64)>>,
+    tables: &Arc<BufferCache>,
 ) -> Result<GrainMap> {
     if h.compressed() && !h.markers() {
         return Err(Error::Unsupported("compressed grains without grain markers".into()).into());
@@ -95,7 +95,7 @@ fn cowd_map(
     h: &cowd::Header,
     extent_bytes: u64,
     id: u32,
-    tables: &Arc<ByteLru<(u32, u64)>>,
+    tables: &Arc<BufferCache>,
 ) -> Result<GrainMap> {
     let gd_entries = h.sectors.div_ceil(cowd::GTES * h.grain);
     let grain = h.grain * SECTOR;
@@ -117,7 +117,7 @@ fn sesparse_map(
     h: &sesparse::ConstHeader,
     extent_bytes: u64,
     id: u32,
-    tables: &Arc<ByteLru<(u32, u64)>>,
+    tables: &Arc<BufferCache>,
 ) -> Result<GrainMap> {
     let flavor = Flavor::SeSparse {
         gt_offset: h.gt_offset * SECTOR,
@@ -146,12 +146,12 @@ pub struct ExtentFiles<'a> {
     gate: &'a Gate,
     /// The descriptor file: extents resolve against its directory.
     pub desc: &'a Location,
-    pub tables: Arc<ByteLru<(u32, u64)>>,
+    pub tables: Arc<BufferCache>,
     opened: Vec<(Location, Arc<dyn Source>)>,
 }
 
 impl<'a> ExtentFiles<'a> {
-    pub fn new(gate: &'a Gate, desc: &'a Location, tables: Arc<ByteLru<(u32, u64)>>) -> Self {
+    pub fn new(gate: &'a Gate, desc: &'a Location, tables: Arc<BufferCache>) -> Self {
         ExtentFiles { gate, desc, tables, opened: Vec::new() }
     }
 

@@ -1,54 +1,29 @@
 //! The two-level grain map shared by the three sparse extent kinds (hosted `KDMV`, ESX `COWD`,
 //! SESparse): a grain directory (loaded in pages on demand) pointing at grain tables, which are
 //! read whole on first use, validated entry by entry against the file, and kept in a byte-bounded
-//! LRU shared by all extents of a layer. No lock is held across a read.
+//! cache shared by all extents of a layer. No lock is held across a read.
 
-use std::hash::Hash;
 use std::sync::Arc;
-
-use lru::LruCache;
-use parking_lot::Mutex;
 
 use super::Error;
 use super::sesparse::{self, Gte};
+use crate::cache::ByteCache;
 use crate::error::Result;
 use crate::formats::table::PagedTable;
 use crate::source::Source;
 
 /// Grain directory pages kept per extent (64 KiB each).
 const GD_PAGES: usize = 8;
+/// Locks each of a layer's buffer caches is spread over.
+const CACHE_SHARDS: usize = 8;
 
-/// Cached buffers and their total size.
-type Lru<K> = (LruCache<K, Arc<[u8]>>, usize);
+/// A layer's cache of immutable buffers (grain tables, or inflated grains), keyed by extent
+/// number and table or grain number.
+pub type BufferCache = ByteCache<(u32, u64), Arc<[u8]>>;
 
-/// A byte-bounded LRU of immutable buffers, shared by the extents of one layer.
-#[derive(Debug)]
-pub struct ByteLru<K: Hash + Eq> {
-    inner: Mutex<Lru<K>>,
-    max_bytes: usize,
-}
-
-impl<K: Hash + Eq> ByteLru<K> {
-    pub fn new(max_bytes: usize) -> Self {
-        ByteLru { inner: Mutex::new((LruCache::unbounded(), 0)), max_bytes }
-    }
-    pub fn get(&self, k: &K) -> Option<Arc<[u8]>> {
-        self.inner.lock().0.get(k).cloned()
-    }
-    pub fn put(&self, k: K, v: Arc<[u8]>) {
-        let mut g = self.inner.lock();
-        let (lru, bytes) = &mut *g;
-        *bytes += v.len();
-        if let Some(old) = lru.put(k, v) {
-            *bytes -= old.len();
-        }
-        while *bytes > self.max_bytes && lru.len() > 1 {
-            match lru.pop_lru() {
-                Some((_, old)) => *bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
+/// A [`BufferCache`] of at most `max_bytes`.
+pub fn buffer_cache(max_bytes: usize) -> BufferCache {
+    ByteCache::sharded(max_bytes, CACHE_SHARDS)
 }
 
 /// What one grain holds.
@@ -92,7 +67,7 @@ pub struct GrainMap {
     gd_offset: u64,
     /// Extent number within the layer: the key space in the shared table cache.
     id: u32,
-    tables: Arc<ByteLru<(u32, u64)>>,
+    tables: Arc<BufferCache>,
 }
 
 impl GrainMap {
@@ -108,7 +83,7 @@ impl GrainMap {
         gd_offset: u64,
         gd_entries: u64,
         id: u32,
-        tables: Arc<ByteLru<(u32, u64)>>,
+        tables: Arc<BufferCache>,
     ) -> Result<GrainMap> {
         let file_len = src.len()?;
         let gd_bytes = gd_entries * Self::gd_entry_size(&flavor) as u64;
@@ -249,8 +224,9 @@ impl GrainMap {
         let Some(at) = self.table_offset(t, self.gd.get(t)?)? else {
             return Ok(None);
         };
+        // Read and checked with no lock held; a concurrent miss may load the same table too.
         let (tab, _) = self.load(t, at)?;
-        self.tables.put((self.id, t), tab.clone());
+        self.tables.insert((self.id, t), tab.clone());
         Ok(Some(tab))
     }
 
@@ -351,7 +327,7 @@ mod tests {
         }
         let src = Arc::new(MemSource::new("h.vmdk", f));
         let flavor = Flavor::Hosted { zero_grain, compressed: false };
-        GrainMap::new(src, flavor, 1024, 2, 4096, 512, 2, 0, Arc::new(ByteLru::new(1 << 20))).unwrap()
+        GrainMap::new(src, flavor, 1024, 2, 4096, 512, 2, 0, Arc::new(buffer_cache(1 << 20))).unwrap()
     }
 
     #[test]
@@ -374,15 +350,5 @@ mod tests {
         let e = m.lookup(1).unwrap_err().to_string();
         assert!(e.contains("past the end of the file"), "{e}");
         assert!(m.validate_tables().is_err());
-    }
-
-    #[test]
-    fn byte_lru_evicts_to_its_bound() {
-        let c = ByteLru::new(100);
-        for i in 0..10u64 {
-            c.put(i, vec![0u8; 40].into());
-        }
-        assert!(c.get(&9).is_some() && c.get(&8).is_some());
-        assert!(c.get(&0).is_none());
     }
 }

@@ -47,7 +47,7 @@ pub use descriptor::{Descriptor, ExtentLine, ExtentType};
 
 use descriptor::{Access, CreateType, MAX_DESCRIPTOR};
 use extent::{ExtentData, ExtentFiles, SparseExtent, SparseHeader, VmdkExtent};
-use grains::ByteLru;
+use grains::{BufferCache, buffer_cache};
 use hosted::SECTOR;
 
 use crate::error::{Error as CrateError, Kind, Result};
@@ -95,6 +95,8 @@ pub const MAX_SIZE: u64 = 64 << 40;
 const MAX_EXTENTS: usize = 32767;
 /// Grain tables cached per layer.
 const TABLE_CACHE_BYTES: usize = 16 << 20;
+/// Inflated grains cached per layer.
+const INFLATED_CACHE_BYTES: usize = 32 << 20;
 /// Grain tables are all read and checked at open when they total at most this.
 const VALIDATE_AT_OPEN_BYTES: u64 = 16 << 20;
 
@@ -119,7 +121,7 @@ pub struct VmdkLayer {
     parent: Option<ParentRef>,
     /// Allocated bytes, when the tables were scanned at open.
     allocated: Option<u64>,
-    inflated: ByteLru<(u32, u64)>,
+    inflated: BufferCache,
 }
 
 /// Opens one VMDK layer from its descriptor or monolithic sparse file.
@@ -148,7 +150,7 @@ impl VmdkLayer {
         let loc = src.location().clone();
         let len = src.len()?;
         let head = src.read_vec(0, len.min(512) as usize)?;
-        let tables = Arc::new(ByteLru::new(TABLE_CACHE_BYTES));
+        let tables = Arc::new(buffer_cache(TABLE_CACHE_BYTES));
         let (desc, desc_at, extents) = if head.starts_with(hosted::MAGIC) {
             Self::open_monolithic(src, &loc, gate, &tables)?
         } else if head.starts_with(cowd::MAGIC) {
@@ -204,7 +206,7 @@ impl VmdkLayer {
             size,
             parent,
             allocated,
-            inflated: ByteLru::new(compressed_grains::INFLATED_CACHE_BYTES),
+            inflated: buffer_cache(INFLATED_CACHE_BYTES),
         })
     }
 
@@ -214,7 +216,7 @@ impl VmdkLayer {
         src: Arc<dyn Source>,
         loc: &Location,
         gate: &Gate,
-        tables: &Arc<ByteLru<(u32, u64)>>,
+        tables: &Arc<BufferCache>,
     ) -> Result<(Descriptor, DescriptorAt, Vec<VmdkExtent>)> {
         let (h, footer) = extent::read_hosted_header(src.as_ref())?;
         let flen = src.len()?;
@@ -268,7 +270,7 @@ impl VmdkLayer {
         desc: &Descriptor,
         loc: &Location,
         gate: &Gate,
-        tables: &Arc<ByteLru<(u32, u64)>>,
+        tables: &Arc<BufferCache>,
     ) -> Result<Vec<VmdkExtent>> {
         if desc.extents.len() > MAX_EXTENTS {
             return Err(CrateError::unsupported(format!(
