@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use flate2::{Decompress, FlushDecompress, Status};
 
-use super::Error;
+use super::error::{Error, GrainDefect};
 use super::grains::{BufferCache, Grain, GrainMap};
 use super::hosted::{GRAIN_MARKER_LEN, GrainMarker};
-use crate::error::Result;
+use crate::error::{Error as CrateError, Result};
 
 /// Inflates grain `g` of `map`, whose marker is at byte `at`.
 pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
@@ -24,16 +24,17 @@ pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; first];
     map.src.read_exact_at(&mut buf, at)?;
     let m = GrainMarker::parse(&buf);
-    let bad = |why: String| Error::Inflate { grain: g, at, why };
-    if m.lba != g * (gs / 512) {
-        return Err(bad(format!("its marker names sector {} instead of {}", m.lba, g * (gs / 512))).into());
+    let bad = |defect| Error::CompressedGrain { grain: g, at, defect };
+    let lba = g * (gs / 512);
+    if m.lba != lba {
+        return Err(bad(GrainDefect::WrongLba { found: m.lba, expected: lba }).into());
     }
     if m.size == 0 || m.size as u64 > limit {
-        return Err(bad(format!("its marker gives an impossible compressed size of {} bytes", m.size)).into());
+        return Err(bad(GrainDefect::ImpossibleSize(m.size)).into());
     }
     let total = GRAIN_MARKER_LEN as u64 + m.size as u64;
     if total > avail {
-        return Err(bad(format!("its {} compressed bytes run past the end of the file", m.size)).into());
+        return Err(bad(GrainDefect::PastEnd(m.size)).into());
     }
     if total as usize > buf.len() {
         let mut rest = vec![0u8; total as usize - buf.len()];
@@ -46,15 +47,15 @@ pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
     let mut z = Decompress::new(true);
     let status = z.decompress_vec(data, &mut out, FlushDecompress::Finish);
     if out.len() as u64 > gs {
-        return Err(bad(format!("it inflates to more than {gs} bytes")).into());
+        return Err(bad(GrainDefect::TooLong(gs)).into());
     }
     match status {
         Ok(Status::StreamEnd) => {}
-        Ok(_) => return Err(bad("the deflate stream is truncated".into()).into()),
-        Err(e) => return Err(bad(format!("inflate failed: {e}")).into()),
+        Ok(_) => return Err(bad(GrainDefect::Truncated).into()),
+        Err(source) => return Err(Error::InflateFailed { grain: g, at, source }.into()),
     }
     if out.len() < expect_min {
-        return Err(bad(format!("it inflates to {} bytes instead of {}", out.len(), expect_min)).into());
+        return Err(bad(GrainDefect::TooShort { got: out.len(), expected: expect_min }).into());
     }
     out.resize(gs as usize, 0);
     Ok(out)
@@ -78,10 +79,7 @@ pub fn read_compressed(map: &GrainMap, ext: u32, cache: &BufferCache, rel: u64, 
             }
             Grain::Zero => buf[done..done + n].fill(0),
             other => {
-                return Err(Error::Corrupt(format!(
-                    "internal: grain {g} was mapped as compressed data but is {other:?}"
-                ))
-                .into());
+                return Err(CrateError::internal(format!("grain {g} was mapped as compressed data but is {other:?}")));
             }
         }
         done += n;

@@ -88,11 +88,9 @@ impl GrainMap {
         let file_len = src.len()?;
         let gd_bytes = gd_entries * Self::gd_entry_size(&flavor) as u64;
         if gd_offset.checked_add(gd_bytes).is_none_or(|e| e > file_len) || gd_offset == 0 {
-            return Err(Error::PastEnd {
-                what: format!("grain directory at {gd_offset:#x} ({gd_entries} entries, {gd_bytes} bytes)"),
-                file_len,
-            }
-            .into());
+            return Err(
+                Error::DirectoryPastEnd { at: gd_offset, entries: gd_entries, bytes: gd_bytes, file_len }.into()
+            );
         }
         let gd = PagedTable::new(src.clone(), gd_offset, gd_entries, Self::gd_entry_size(&flavor), false, GD_PAGES);
         Ok(GrainMap { src, file_len, flavor, grain, per_table, extent_bytes, gd, gd_offset, id, tables })
@@ -119,13 +117,9 @@ impl GrainMap {
         let at = match self.flavor {
             Flavor::SeSparse { gt_offset, gt_slots, .. } => match sesparse::decode_gd(e) {
                 None => return Ok(None),
-                Some(Err(())) => {
-                    return Err(Error::Corrupt(format!("grain directory entry {t} is invalid ({e:#018x})")));
-                }
+                Some(Err(())) => return Err(Error::BadDirectoryEntry { table: t, value: e }),
                 Some(Ok(i)) if i >= gt_slots => {
-                    return Err(Error::Corrupt(format!(
-                        "grain directory entry {t} names grain table {i}, but the table region holds {gt_slots}"
-                    )));
+                    return Err(Error::TableSlotOutOfRegion { table: t, slot: i, slots: gt_slots });
                 }
                 Some(Ok(i)) => gt_offset + i * self.table_bytes(),
             },
@@ -133,10 +127,7 @@ impl GrainMap {
             _ => e * 512,
         };
         if at.checked_add(self.table_bytes()).is_none_or(|end| end > self.file_len) {
-            return Err(Error::PastEnd {
-                what: format!("grain directory entry {t} puts its grain table at {at:#x}"),
-                file_len: self.file_len,
-            });
+            return Err(Error::TablePastEnd { table: t, at, file_len: self.file_len });
         }
         Ok(Some(at))
     }
@@ -147,10 +138,7 @@ impl GrainMap {
         let need = self.grain.min(self.extent_bytes.saturating_sub(g * self.grain));
         let in_file = |off: u64, n: u64| -> Result<u64, Error> {
             if off.checked_add(n).is_none_or(|end| end > self.file_len) {
-                return Err(Error::PastEnd {
-                    what: format!("grain table {t} entry {k} puts grain {g} at {off:#x}"),
-                    file_len: self.file_len,
-                });
+                return Err(Error::GrainPastEnd { table: t, entry: k, grain: g, at: off, file_len: self.file_len });
             }
             Ok(off)
         };
@@ -158,17 +146,13 @@ impl GrainMap {
             Flavor::Hosted { zero_grain, compressed } => match e {
                 0 => Ok(Grain::Unallocated),
                 1 if zero_grain => Ok(Grain::Zero),
-                1 => Err(Error::Corrupt(format!(
-                    "grain table {t} entry {k} is 1 (a zeroed grain) but the header does not enable zeroed grains"
-                ))),
+                1 => Err(Error::ZeroGrainNotEnabled { table: t, entry: k }),
                 s if compressed => Ok(Grain::Compressed(in_file(s * 512, super::hosted::GRAIN_MARKER_LEN as u64)?)),
                 s => Ok(Grain::Data(in_file(s * 512, need)?)),
             },
             Flavor::Cowd => match e {
                 0 => Ok(Grain::Unallocated),
-                s if s < 4 => {
-                    Err(Error::Corrupt(format!("grain table {t} entry {k} points into the header (sector {s})")))
-                }
+                s if s < 4 => Err(Error::GrainInHeader { table: t, entry: k, sector: s }),
                 s => Ok(Grain::Data(in_file(s * 512, need)?)),
             },
             Flavor::SeSparse { grains_offset, grains_end, .. } => match sesparse::decode_gte(e) {
@@ -178,12 +162,10 @@ impl GrainMap {
                     let off = c.checked_mul(self.grain).and_then(|o| o.checked_add(grains_offset));
                     match off {
                         Some(off) if off < grains_end => Ok(Grain::Data(in_file(off, need)?)),
-                        _ => Err(Error::Corrupt(format!(
-                            "grain table {t} entry {k} names cluster {c}, outside the grain region"
-                        ))),
+                        _ => Err(Error::ClusterOutOfRegion { table: t, entry: k, cluster: c }),
                     }
                 }
-                Gte::Bad => Err(Error::Corrupt(format!("grain table {t} entry {k} has an unknown type ({e:#018x})"))),
+                Gte::Bad => Err(Error::UnknownEntryType { table: t, entry: k, value: e }),
             },
         }
     }

@@ -30,11 +30,15 @@
 //! extents, raw device mappings (`vmfsRaw*`, `VMFSRDM`), device-backed and unknown createTypes, a
 //! bare sparse extent with no descriptor, and compressed grains without markers. A compressed
 //! grain that fails to inflate, inflates to the wrong size or carries the wrong lba is EIO at read
-//! time. The parent CID mismatch and the missing parent are reported by the chain.
+//! time. The parent CID mismatch and the missing parent are reported by the chain. Each refusal
+//! is a variant of [`Error`] (`error.rs`), whose kind is Denied for an extent outside the allowed
+//! directories, NotFound for a missing extent, Unsupported for a valid feature vdiskfs does not
+//! read, and Corrupt for the rest.
 
 mod compressed_grains;
 mod cowd;
 mod descriptor;
+mod error;
 mod extent;
 mod grains;
 mod hosted;
@@ -44,50 +48,17 @@ mod sesparse;
 use std::sync::Arc;
 
 pub use descriptor::{Descriptor, ExtentLine, ExtentType};
+pub use error::Error;
 
 use descriptor::{Access, CreateType, MAX_DESCRIPTOR};
 use extent::{ExtentData, ExtentFiles, SparseExtent, SparseHeader, VmdkExtent};
 use grains::{BufferCache, buffer_cache};
 use hosted::SECTOR;
 
-use crate::error::{Error as CrateError, Kind, Result};
+use crate::error::{Error as CrateError, Result};
 use crate::gate::Gate;
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentRef, Span};
 use crate::source::{Location, Source};
-
-/// What can be wrong with a VMDK's structures.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{what} has bad magic {found:02x?}")]
-    BadMagic { what: &'static str, found: Vec<u8> },
-    #[error("grain size {0} sectors is impossible (must be a power of two from 1 sector to 1 MiB)")]
-    GrainSize(u64),
-    #[error("{what}, past the end of the file ({file_len:#x})")]
-    PastEnd { what: String, file_len: u64 },
-    #[error("compressed grain {grain} at {at:#x} is unreadable: {why}")]
-    Inflate { grain: u64, at: u64, why: String },
-    #[error("descriptor: {0}")]
-    Descriptor(String),
-    #[error("{0}")]
-    Corrupt(String),
-    #[error("{0}")]
-    Unsupported(String),
-}
-
-impl Error {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Error::Unsupported(_) => Kind::Unsupported,
-            _ => Kind::Corrupt,
-        }
-    }
-}
-
-impl From<Error> for CrateError {
-    fn from(e: Error) -> Self {
-        CrateError::new(e.kind(), e.to_string())
-    }
-}
 
 /// The largest virtual disk accepted (VMware's limit is 62 TiB).
 pub const MAX_SIZE: u64 = 64 << 40;
@@ -130,19 +101,15 @@ pub fn open(src: Arc<dyn Source>, gate: &Gate) -> Result<Arc<dyn Layer>> {
     Ok(Arc::new(VmdkLayer::open(src, gate).map_err(|e| e.in_file(&loc))?))
 }
 
-/// A suggestion for a bare extent: the descriptor ESXi or qemu would have written next to it.
-fn descriptor_guess(loc: &Location, suffixes: &[&str]) -> String {
+/// For a bare extent: the descriptor ESXi or qemu would have written next to it, if it is there.
+fn descriptor_beside(loc: &Location, suffixes: &[&str]) -> Option<String> {
     let name = loc.file_name();
     let stem = name.strip_suffix(".vmdk").unwrap_or(&name);
-    for s in suffixes {
-        if let Some(base) = stem.strip_suffix(s) {
-            let cand = format!("{base}.vmdk");
-            if loc.dir().join(&cand).is_some_and(|l| l.exists()) {
-                return format!(" ({cand} here)");
-            }
-        }
-    }
-    String::new()
+    suffixes
+        .iter()
+        .filter_map(|s| stem.strip_suffix(s))
+        .map(|base| format!("{base}.vmdk"))
+        .find(|cand| loc.dir().join(cand).is_some_and(|l| l.exists()))
 }
 
 impl VmdkLayer {
@@ -154,18 +121,12 @@ impl VmdkLayer {
         let (desc, desc_at, extents) = if head.starts_with(hosted::MAGIC) {
             Self::open_monolithic(src, &loc, gate, &tables)?
         } else if head.starts_with(cowd::MAGIC) {
-            return Err(CrateError::unsupported(format!(
-                "a vmfsSparse (COWD) delta extent has no parent or size information of its own: open the descriptor that names it{}",
-                descriptor_guess(&loc, &["-delta"])
-            )));
+            return Err(Error::BareCowd { descriptor: descriptor_beside(&loc, &["-delta"]) }.into());
         } else if head.starts_with(&sesparse::CONST_MAGIC.to_le_bytes()) {
-            return Err(CrateError::unsupported(format!(
-                "a SESparse extent has no parent or size information of its own: open the descriptor that names it{}",
-                descriptor_guess(&loc, &["-sesparse"])
-            )));
+            return Err(Error::BareSeSparse { descriptor: descriptor_beside(&loc, &["-sesparse"]) }.into());
         } else {
             if len > MAX_DESCRIPTOR as u64 {
-                return Err(CrateError::corrupt(format!("a {len}-byte file is too large to be a VMDK descriptor")));
+                return Err(Error::DescriptorTooLarge { len }.into());
             }
             let text = descriptor::decode_text(&src.read_vec(0, len as usize)?);
             let desc = descriptor::parse(&text)?;
@@ -174,23 +135,17 @@ impl VmdkLayer {
         };
         let create_type = match desc.create_type.clone() {
             Some(t) => t,
-            None if matches!(desc_at, DescriptorAt::Standalone) => {
-                return Err(Error::Descriptor("no createType line".into()).into());
-            }
+            None if matches!(desc_at, DescriptorAt::Standalone) => return Err(Error::NoCreateType.into()),
             None => infer_create_type(&extents).to_string(),
         };
         match descriptor::classify_create_type(&create_type) {
             CreateType::Known => {}
-            CreateType::Refused(why) => {
-                return Err(CrateError::unsupported(format!("createType \"{create_type}\" {why}")));
-            }
-            CreateType::Unknown => {
-                return Err(CrateError::unsupported(format!("unknown createType \"{create_type}\"")));
-            }
+            CreateType::Refused(why) => return Err(Error::CreateTypeRefused { create_type, why }.into()),
+            CreateType::Unknown => return Err(Error::UnknownCreateType(create_type).into()),
         }
         let size = extents.last().map(|e| e.start + e.len).unwrap_or(0);
         if size == 0 {
-            return Err(Error::Descriptor("no extents".into()).into());
+            return Err(Error::NoExtents.into());
         }
         let parent = desc.parent().map(|pcid| ParentRef {
             hints: vec![Hint { kind: "parentFileNameHint".into(), path: desc.parent_hint.clone().unwrap_or_default() }],
@@ -224,21 +179,15 @@ impl VmdkLayer {
             let at = h.desc_offset.saturating_mul(SECTOR);
             let n = h.desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR as u64);
             if at.checked_add(n).is_none_or(|e| e > flen) {
-                return Err(Error::PastEnd {
-                    what: format!("embedded descriptor at {at:#x} ({n} bytes)"),
-                    file_len: flen,
-                }
-                .into());
+                return Err(Error::EmbeddedDescriptorPastEnd { at, len: n, file_len: flen }.into());
             }
             descriptor::decode_text(&src.read_vec(at, n as usize)?)
         } else {
             String::new()
         };
         if !descriptor::looks_like_descriptor(&text) {
-            return Err(CrateError::unsupported(format!(
-                "a sparse extent without an embedded descriptor is one piece of a split disk: open the descriptor that names it{}",
-                descriptor_guess(loc, &["-s001", "-s002", "-s003", "-s004"])
-            )));
+            let descriptor = descriptor_beside(loc, &["-s001", "-s002", "-s003", "-s004"]);
+            return Err(Error::BareSparsePiece { descriptor }.into());
         }
         let desc = descriptor::parse(&text)?;
         let desc_at = DescriptorAt::Embedded { sector: h.desc_offset, sectors: h.desc_size };
@@ -246,9 +195,8 @@ impl VmdkLayer {
             let extents = Self::open_extents(&desc, loc, gate, tables)?;
             return Ok((desc, desc_at, extents));
         }
-        let len = h.capacity.checked_mul(SECTOR).filter(|&l| l <= MAX_SIZE).ok_or_else(|| {
-            CrateError::corrupt(format!("capacity of {} sectors exceeds the 64 TiB limit", h.capacity))
-        })?;
+        let len =
+            h.capacity.checked_mul(SECTOR).filter(|&l| l <= MAX_SIZE).ok_or(Error::CapacityTooLarge(h.capacity))?;
         let map = extent::hosted_map(src, &h, len, 0, tables)?;
         // The embedded extent line names the file as it was first called; show it as written.
         let line = match desc.extents.as_slice() {
@@ -273,24 +221,18 @@ impl VmdkLayer {
         tables: &Arc<BufferCache>,
     ) -> Result<Vec<VmdkExtent>> {
         if desc.extents.len() > MAX_EXTENTS {
-            return Err(CrateError::unsupported(format!(
-                "{} extents (at most {MAX_EXTENTS} are supported: 64 TiB in 2 GiB pieces)",
-                desc.extents.len()
-            )));
+            return Err(Error::TooManyExtents { count: desc.extents.len(), max: MAX_EXTENTS }.into());
         }
         let mut files = ExtentFiles::new(gate, loc, tables.clone());
         let mut out = Vec::with_capacity(desc.extents.len());
         let mut start = 0u64;
         for (i, line) in desc.extents.iter().enumerate() {
             if line.access == Access::NoAccess {
-                return Err(CrateError::unsupported(format!(
-                    "extent {i} ({}) is NOACCESS: its data may not be read",
-                    line.display()
-                )));
+                return Err(Error::NoAccessExtent { index: i, line: line.display() }.into());
             }
             let end = line.sectors.checked_mul(SECTOR).and_then(|l| l.checked_add(start)).filter(|&e| e <= MAX_SIZE);
             let Some(end) = end else {
-                return Err(CrateError::corrupt("the extents add up to more than the 64 TiB limit"));
+                return Err(Error::ExtentsTooLarge.into());
             };
             out.push(files.open(i, start, line)?);
             start = end;
@@ -396,7 +338,7 @@ impl Layer for VmdkLayer {
         let n = self.extents.len();
         let (i, compressed) = if source < n { (source, false) } else { (source - n, true) };
         let Some(e) = self.extents.get(i) else {
-            return Err(CrateError::corrupt(format!("internal: no extent for source {source}")).in_file(&self.loc));
+            return Err(CrateError::internal(format!("no extent for source {source}")).in_file(&self.loc));
         };
         match (&e.data, compressed) {
             (ExtentData::Flat { src, .. }, false) => src.read_exact_at(buf, offset),
@@ -405,7 +347,7 @@ impl Layer for VmdkLayer {
                 compressed_grains::read_compressed(&s.map, i as u32, &self.inflated, offset, buf)
                     .map_err(|err| in_extent(err, e))
             }
-            _ => Err(CrateError::corrupt(format!("internal: extent {i} has no data to read")).in_file(&self.loc)),
+            _ => Err(CrateError::internal(format!("extent {i} has no data to read")).in_file(&self.loc)),
         }
     }
 
