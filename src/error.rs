@@ -84,19 +84,6 @@ impl Error {
     pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
         Error { kind, file: None, inner: Box::new(Message(msg.into())) }
     }
-    // Transitional: the format modules move to their own enums; these go once they have.
-    #[doc(hidden)]
-    pub fn corrupt(msg: impl Into<String>) -> Self {
-        Self::new(Kind::Corrupt, msg)
-    }
-    #[doc(hidden)]
-    pub fn unsupported(msg: impl Into<String>) -> Self {
-        Self::new(Kind::Unsupported, msg)
-    }
-    #[doc(hidden)]
-    pub fn not_found(msg: impl Into<String>) -> Self {
-        Self::new(Kind::NotFound, msg)
-    }
     /// A command-line mistake (exit code 2).
     pub fn usage(msg: impl Into<String>) -> Self {
         Self::new(Kind::Usage, msg)

@@ -39,9 +39,7 @@ impl Header {
         }
         let version = LE::read_u32(&b[4..8]);
         if version != 1 {
-            return Err(Error::Unsupported(format!(
-                "COWD version {version} is not supported (ESX redo logs are version 1; version 3 is VMware Workstation 3)"
-            )));
+            return Err(Error::CowdVersion(version));
         }
         let name = &b[32..32 + 1024];
         let name = &name[..name.iter().position(|&c| c == 0).unwrap_or(name.len())];
@@ -59,17 +57,19 @@ impl Header {
         };
         check_grain(h.grain)?;
         if h.sectors == 0 {
-            return Err(Error::Corrupt("COWD header says the disk has 0 sectors".into()));
+            return Err(Error::CowdNoSectors);
         }
         let needed = h.sectors.div_ceil(GTES * h.grain);
         if h.gd_entries < needed {
-            return Err(Error::Corrupt(format!(
-                "COWD grain directory has {} entries but {} sectors with {}-sector grains need {needed}",
-                h.gd_entries, h.sectors, h.grain
-            )));
+            return Err(Error::CowdDirectoryShort {
+                entries: h.gd_entries,
+                sectors: h.sectors,
+                grain: h.grain,
+                needed,
+            });
         }
         if h.gd_offset < (HEADER_LEN as u64 / 512) {
-            return Err(Error::Corrupt(format!("COWD grain directory at sector {} overlaps the header", h.gd_offset)));
+            return Err(Error::CowdDirectoryInHeader(h.gd_offset));
         }
         Ok(h)
     }

@@ -155,36 +155,63 @@ fn unquote(v: &str) -> &str {
 fn parse_cid(key: &'static str, v: &str) -> Result<u32, Error> {
     let t = v.trim();
     let t = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
-    u32::from_str_radix(t, 16).map_err(|_| Error::Descriptor(format!("{key} '{v}' is not a 32-bit hexadecimal number")))
+    u32::from_str_radix(t, 16).map_err(|_| Error::BadCid { key, value: v.to_string() })
+}
+
+/// What is wrong with an extent line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LineDefect {
+    #[error("unterminated file name")]
+    UnterminatedName,
+    #[error("the file name must be in double quotes")]
+    UnquotedName,
+    #[error("expected ACCESS SECTORS TYPE")]
+    NotThreeWords,
+    #[error("unknown access mode")]
+    UnknownAccess,
+    #[error("sector count is not a number")]
+    SectorsNotANumber,
+    #[error("sector count is 0")]
+    NoSectors,
+    #[error("offset is not a number")]
+    OffsetNotANumber,
+    #[error("unexpected words after the offset")]
+    WordsAfterOffset,
+    #[error("no file name")]
+    NoFileName,
+    #[error("empty file name")]
+    EmptyFileName,
+    #[error("only FLAT and VMFS extents take an offset")]
+    OffsetNotAllowed,
 }
 
 /// Parses an extent line (the caller knows it starts with an access word).
 fn parse_extent(line: &str) -> Result<ExtentLine, Error> {
-    let bad = |why: &str| Error::Descriptor(format!("bad extent line '{line}': {why}"));
+    let bad = |defect| Error::BadExtentLine { line: line.to_string(), defect };
     let (head, quoted, tail) = match line.find('"') {
         Some(q) => {
             let rest = &line[q + 1..];
-            let end = rest.find('"').ok_or_else(|| bad("unterminated file name"))?;
+            let end = rest.find('"').ok_or_else(|| bad(LineDefect::UnterminatedName))?;
             (&line[..q], Some(&rest[..end]), &rest[end + 1..])
         }
         None => (line, None, ""),
     };
     let words: Vec<&str> = head.split_whitespace().collect();
     if words.len() > 3 && quoted.is_none() {
-        return Err(bad("the file name must be in double quotes"));
+        return Err(bad(LineDefect::UnquotedName));
     }
     if words.len() != 3 {
-        return Err(bad("expected ACCESS SECTORS TYPE"));
+        return Err(bad(LineDefect::NotThreeWords));
     }
     let access = match words[0] {
         "RW" => Access::Rw,
         "RDONLY" => Access::RdOnly,
         "NOACCESS" => Access::NoAccess,
-        _ => return Err(bad("unknown access mode")),
+        _ => return Err(bad(LineDefect::UnknownAccess)),
     };
-    let sectors: u64 = words[1].parse().map_err(|_| bad("sector count is not a number"))?;
+    let sectors: u64 = words[1].parse().map_err(|_| bad(LineDefect::SectorsNotANumber))?;
     if sectors == 0 {
-        return Err(bad("sector count is 0"));
+        return Err(bad(LineDefect::NoSectors));
     }
     let kind = match words[2] {
         "FLAT" => ExtentType::Flat,
@@ -194,26 +221,24 @@ fn parse_extent(line: &str) -> Result<ExtentLine, Error> {
         "SESPARSE" => ExtentType::SeSparse,
         "ZERO" => ExtentType::Zero,
         t @ ("VMFSRAW" | "VMFSRDM" | "VMFSRDMP" | "VMFSPASSTHROUGHRAW") => {
-            return Err(Error::Unsupported(format!(
-                "extent type {t} is a raw device mapping (RDM): the data lives on a LUN, not in a file; read the LUN itself"
-            )));
+            return Err(Error::RawDeviceExtent(t.to_string()));
         }
-        t => return Err(Error::Unsupported(format!("unknown extent type '{t}' in line '{line}'"))),
+        t => return Err(Error::UnknownExtentType { kind: t.to_string(), line: line.to_string() }),
     };
     let tail_words: Vec<&str> = tail.split_whitespace().collect();
     let offset = match tail_words.as_slice() {
         [] => 0,
-        [o] => o.parse().map_err(|_| bad("offset is not a number"))?,
-        _ => return Err(bad("unexpected words after the offset")),
+        [o] => o.parse().map_err(|_| bad(LineDefect::OffsetNotANumber))?,
+        _ => return Err(bad(LineDefect::WordsAfterOffset)),
     };
     match (kind, quoted) {
         (ExtentType::Zero, _) => {}
-        (_, None) => return Err(bad("no file name")),
-        (_, Some("")) => return Err(bad("empty file name")),
+        (_, None) => return Err(bad(LineDefect::NoFileName)),
+        (_, Some("")) => return Err(bad(LineDefect::EmptyFileName)),
         _ => {}
     }
     if offset != 0 && !matches!(kind, ExtentType::Flat | ExtentType::Vmfs) {
-        return Err(bad("only FLAT and VMFS extents take an offset"));
+        return Err(bad(LineDefect::OffsetNotAllowed));
     }
     Ok(ExtentLine { access, sectors, kind, file: quoted.map(str::to_string), offset })
 }
@@ -246,13 +271,10 @@ pub fn parse(text: &str) -> Result<Descriptor, Error> {
         }
     }
     if d.parent_hint.is_some() && d.parent_cid.is_none() {
-        return Err(Error::Descriptor("has a parentFileNameHint but no parentCID to check the parent with".into()));
+        return Err(Error::HintWithoutParentCid);
     }
     if d.parent().is_some() && d.parent_hint.as_deref().is_none_or(|h| h.trim().is_empty()) {
-        return Err(Error::Descriptor(format!(
-            "names a parent (parentCID={:08x}) but has no parentFileNameHint saying where it is",
-            d.parent_cid.unwrap_or(0)
-        )));
+        return Err(Error::ParentWithoutHint { parent_cid: d.parent_cid.unwrap_or(0) });
     }
     Ok(d)
 }

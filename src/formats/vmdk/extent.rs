@@ -6,32 +6,36 @@ use std::sync::Arc;
 use super::Error;
 use super::cowd;
 use super::descriptor::{ExtentLine, ExtentType};
-use super::grains::{ByteLru, Flavor, GrainMap};
+use super::grains::{BufferCache, Flavor, GrainMap};
 use super::hosted::{self, GD_AT_END, SECTOR};
 use super::sesparse;
-use crate::error::{Error as CrateError, Kind, Result};
+use crate::error::Result;
 use crate::gate::{FoundBy, Gate};
 use crate::layer::Hint;
 use crate::source::{Location, Source};
 
 /// One extent of a layer, placed in the layer's virtual disk.
 #[derive(Debug)]
-pub struct Extent {
+pub struct VmdkExtent {
     pub start: u64,
     pub len: u64,
     pub line: ExtentLine,
     /// The file, if the extent has one.
     pub path: Option<Location>,
-    pub body: Body,
+    pub data: ExtentData,
     /// Set when the file was not where the descriptor says (found by file name instead).
     pub found: Option<FoundBy>,
 }
 
+/// What an extent's bytes are.
 #[derive(Debug)]
-pub enum Body {
+pub enum ExtentData {
+    /// Zeros (a `ZERO` extent), masking any parent.
     Zero,
+    /// Raw data in `src` from byte `offset` (`FLAT`, `VMFS`).
     Flat { src: Arc<dyn Source>, offset: u64 },
-    Sparse(Box<Sparse>),
+    /// Grains found through a grain directory (`SPARSE`, `VMFSSPARSE`, `SESPARSE`).
+    Sparse(Box<SparseExtent>),
 }
 
 /// What kind of sparse file an extent is, for `info`.
@@ -42,69 +46,17 @@ pub enum SparseHeader {
     SeSparse(sesparse::ConstHeader),
 }
 
+/// A sparse extent file: its grain map and the header it was read from.
 #[derive(Debug)]
-pub struct Sparse {
+pub struct SparseExtent {
     pub map: GrainMap,
     pub header: SparseHeader,
 }
 
-impl Sparse {
+impl SparseExtent {
     pub fn compressed(&self) -> bool {
         matches!(&self.header, SparseHeader::Hosted { header, .. } if header.compressed())
     }
-
-    /// A one-line summary for `info`.
-    pub fn summary(&self) -> String {
-        let grain = human_grain(self.map.grain);
-        match &self.header {
-            SparseHeader::Hosted { header: h, footer } => {
-                let mut s = format!(
-                    "hosted sparse (KDMV) version {}, flags {:#x}, {grain} grains, {} entries per grain table, grain directory at sector {}",
-                    h.version,
-                    h.flags,
-                    h.gtes_per_gt,
-                    self.map.gd_offset() / SECTOR
-                );
-                if h.compressed() {
-                    s.push_str(", deflate-compressed grains");
-                }
-                if *footer {
-                    s.push_str(", grain directory found through the footer");
-                }
-                if h.zero_grain() {
-                    s.push_str(", zeroed-grain entries");
-                }
-                if h.flags & hosted::FLAG_RGD != 0 {
-                    s.push_str(", redundant grain directory");
-                }
-                if h.unclean_shutdown {
-                    s.push_str(", unclean shutdown flag set");
-                }
-                s
-            }
-            SparseHeader::Cowd(h) => {
-                let mut s =
-                    format!("ESX sparse (COWD) version {}, {grain} grains, generation {}", h.version, h.generation);
-                if h.unclean_shutdown {
-                    s.push_str(", unclean shutdown flag set");
-                }
-                s
-            }
-            SparseHeader::SeSparse(h) => format!(
-                "SESparse 2.1, {grain} grains, {} entries per grain table, grain directory at sector {} ({} entries), {} grain table slots at sector {}, grains from sector {}",
-                h.entries_per_table(),
-                h.gd_offset,
-                h.gd_entries(),
-                h.table_slots(),
-                h.gt_offset,
-                h.grains_offset
-            ),
-        }
-    }
-}
-
-fn human_grain(b: u64) -> String {
-    if b >= 1024 { format!("{} KiB", b / 1024) } else { format!("{b} B") }
 }
 
 /// Reads a `KDMV` header, taking the footer's copy when the grain directory is at the end.
@@ -115,7 +67,7 @@ pub fn read_hosted_header(src: &dyn Source) -> Result<(hosted::Header, bool)> {
     }
     let len = src.len()?;
     if len < 2048 {
-        return Err(Error::Corrupt("stream-optimized file too short to hold its footer".into()).into());
+        return Err(Error::FooterTooShort { file_len: len }.into());
     }
     Ok((hosted::parse_footer(&src.read_vec(len - 1536, 1536)?)?, true))
 }
@@ -126,10 +78,10 @@ pub fn hosted_map(
     h: &hosted::Header,
     extent_bytes: u64,
     id: u32,
-    tables: &Arc<ByteLru<(u32, u64)>>,
+    tables: &Arc<BufferCache>,
 ) -> Result<GrainMap> {
     if h.compressed() && !h.markers() {
-        return Err(Error::Unsupported("compressed grains without grain markers".into()).into());
+        return Err(Error::CompressedWithoutMarkers.into());
     }
     let per = h.gtes_per_gt as u64;
     let gd_entries = h.capacity.div_ceil(h.grain * per);
@@ -143,7 +95,7 @@ fn cowd_map(
     h: &cowd::Header,
     extent_bytes: u64,
     id: u32,
-    tables: &Arc<ByteLru<(u32, u64)>>,
+    tables: &Arc<BufferCache>,
 ) -> Result<GrainMap> {
     let gd_entries = h.sectors.div_ceil(cowd::GTES * h.grain);
     let grain = h.grain * SECTOR;
@@ -165,7 +117,7 @@ fn sesparse_map(
     h: &sesparse::ConstHeader,
     extent_bytes: u64,
     id: u32,
-    tables: &Arc<ByteLru<(u32, u64)>>,
+    tables: &Arc<BufferCache>,
 ) -> Result<GrainMap> {
     let flavor = Flavor::SeSparse {
         gt_offset: h.gt_offset * SECTOR,
@@ -194,12 +146,12 @@ pub struct ExtentFiles<'a> {
     gate: &'a Gate,
     /// The descriptor file: extents resolve against its directory.
     pub desc: &'a Location,
-    pub tables: Arc<ByteLru<(u32, u64)>>,
+    pub tables: Arc<BufferCache>,
     opened: Vec<(Location, Arc<dyn Source>)>,
 }
 
 impl<'a> ExtentFiles<'a> {
-    pub fn new(gate: &'a Gate, desc: &'a Location, tables: Arc<ByteLru<(u32, u64)>>) -> Self {
+    pub fn new(gate: &'a Gate, desc: &'a Location, tables: Arc<BufferCache>) -> Self {
         ExtentFiles { gate, desc, tables, opened: Vec::new() }
     }
 
@@ -220,17 +172,12 @@ impl<'a> ExtentFiles<'a> {
         }
         let p = file.replace('\\', "/");
         let absolute = p.starts_with('/') || (p.len() >= 2 && p.as_bytes()[1] == b':');
-        let looked: Vec<String> = lookup.candidates.iter().map(|c| c.loc.to_string()).collect();
-        let looked = if looked.is_empty() { "nowhere".to_string() } else { looked.join(", ") };
+        let (index, file) = (i, file.to_string());
+        let looked = lookup.candidates.into_iter().map(|c| c.loc).collect();
         if (absolute && !self.gate.policy().trust_locators) || !lookup.refused.is_empty() {
-            return Err(CrateError::new(
-                Kind::Denied,
-                format!(
-                    "extent {i} file '{file}' is outside the descriptor's directory and every --parent-dir: refused to follow it (--trust-locators allows it); not found by name either (looked for {looked})"
-                ),
-            ));
+            return Err(Error::ExtentRefused { index, file, looked }.into());
         }
-        Err(CrateError::not_found(format!("extent {i} file '{file}' not found (looked for {looked})")))
+        Err(Error::ExtentNotFound { index, file, looked }.into())
     }
 
     /// Every extent file opened, each once.
@@ -239,46 +186,32 @@ impl<'a> ExtentFiles<'a> {
     }
 
     /// Opens extent `i`, which covers `[start, start + line.sectors * 512)` of the disk.
-    pub fn open(&mut self, i: usize, start: u64, line: &ExtentLine) -> Result<Extent> {
+    pub fn open(&mut self, i: usize, start: u64, line: &ExtentLine) -> Result<VmdkExtent> {
         let len = line.sectors * SECTOR;
-        let mk = |path, body| Extent { start, len, line: line.clone(), path, body, found: None };
+        let mk = |path, data| VmdkExtent { start, len, line: line.clone(), path, data, found: None };
         let Some(file) = line.file.as_deref() else {
-            return Ok(mk(None, Body::Zero));
+            return Ok(mk(None, ExtentData::Zero));
         };
         let (loc, src, found) = self.resolve(i, file)?;
-        let body = self.body(i, line, src).map_err(|e| e.in_file(&loc))?;
-        let mut e = mk(Some(loc), body);
+        let data = self.data(i as u32, line, src).map_err(|e| e.in_file(&loc))?;
+        let mut e = mk(Some(loc), data);
         e.found = (!found.as_stored()).then_some(found);
         Ok(e)
     }
 
-    fn body(&mut self, i: usize, line: &ExtentLine, src: Arc<dyn Source>) -> Result<Body> {
-        let len = line.sectors * SECTOR;
-        let flen = src.len()?;
-        let id = i as u32;
+    /// What the bytes of extent `id`, in `src`, are.
+    fn data(&self, id: u32, line: &ExtentLine, src: Arc<dyn Source>) -> Result<ExtentData> {
+        let sparse = |map, header| Ok(ExtentData::Sparse(Box::new(SparseExtent { map, header })));
         match line.kind {
-            ExtentType::Zero => Ok(Body::Zero),
-            ExtentType::Flat | ExtentType::Vmfs => {
-                let offset = line.offset.saturating_mul(SECTOR);
-                let need = offset.saturating_add(len);
-                if flen < need {
-                    return Err(Error::Corrupt(format!(
-                        "flat extent holds {flen} bytes but {} declares {} sectors from sector {} ({need} bytes): truncated or wrong file",
-                        self.desc.file_name(),
-                        line.sectors,
-                        line.offset
-                    ))
-                    .into());
-                }
-                Ok(Body::Flat { src, offset })
-            }
+            ExtentType::Zero => Ok(ExtentData::Zero),
+            ExtentType::Flat | ExtentType::Vmfs => self.flat(line, src),
             ExtentType::Sparse | ExtentType::VmfsSparse => {
+                let flen = src.len()?;
                 let head = src.read_vec(0, flen.min(cowd::HEADER_LEN as u64) as usize)?;
                 if head.starts_with(cowd::MAGIC) {
                     let h = cowd::Header::parse(&head)?;
-                    check_capacity(h.sectors, line, self.desc)?;
-                    let map = cowd_map(src, &h, len, id, &self.tables)?;
-                    return Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::Cowd(h) })));
+                    self.check_capacity(h.sectors, line)?;
+                    return sparse(cowd_map(src, &h, line.sectors * SECTOR, id, &self.tables)?, SparseHeader::Cowd(h));
                 }
                 if !head.starts_with(hosted::MAGIC) {
                     return Err(
@@ -287,44 +220,54 @@ impl<'a> ExtentFiles<'a> {
                 }
                 let (h, footer) = read_hosted_header(src.as_ref())?;
                 if h.capacity == 0 && h.desc_offset != 0 {
-                    return Err(Error::Unsupported(
-                        "this sparse extent is itself a descriptor of other extents (nested descriptors are not supported)"
-                            .into(),
-                    )
-                    .into());
+                    return Err(Error::NestedDescriptor.into());
                 }
-                check_capacity(h.capacity, line, self.desc)?;
-                let map = hosted_map(src, &h, len, id, &self.tables)?;
-                Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::Hosted { header: h, footer } })))
+                self.check_capacity(h.capacity, line)?;
+                let map = hosted_map(src, &h, line.sectors * SECTOR, id, &self.tables)?;
+                sparse(map, SparseHeader::Hosted { header: h, footer })
             }
             ExtentType::SeSparse => {
+                let flen = src.len()?;
                 let h = sesparse::ConstHeader::parse(&src.read_vec(0, flen.min(512) as usize)?)?;
                 let vo = h.volatile_offset.saturating_mul(SECTOR);
                 if vo.checked_add(512).is_none_or(|e| e > flen) || vo == 0 {
-                    return Err(Error::PastEnd {
-                        what: format!("SESparse volatile header at {vo:#x}"),
-                        file_len: flen,
-                    }
-                    .into());
+                    return Err(Error::VolatileHeaderPastEnd { at: vo, file_len: flen }.into());
                 }
                 sesparse::check_volatile(&src.read_vec(vo, 512)?)?;
-                check_capacity(h.capacity, line, self.desc)?;
-                let map = sesparse_map(src, &h, len, id, &self.tables)?;
-                Ok(Body::Sparse(Box::new(Sparse { map, header: SparseHeader::SeSparse(h) })))
+                self.check_capacity(h.capacity, line)?;
+                let map = sesparse_map(src, &h, line.sectors * SECTOR, id, &self.tables)?;
+                sparse(map, SparseHeader::SeSparse(h))
             }
         }
     }
-}
 
-/// A sparse extent must hold at least as many sectors as its descriptor line claims.
-fn check_capacity(capacity: u64, line: &ExtentLine, desc: &Location) -> Result<()> {
-    if capacity < line.sectors {
-        return Err(Error::Corrupt(format!(
-            "sparse extent holds {capacity} sectors but {} declares {}",
-            desc.file_name(),
-            line.sectors
-        ))
-        .into());
+    /// A flat extent's file must hold every sector its line claims, from the line's offset.
+    fn flat(&self, line: &ExtentLine, src: Arc<dyn Source>) -> Result<ExtentData> {
+        let file_len = src.len()?;
+        let offset = line.offset.saturating_mul(SECTOR);
+        let need = offset.saturating_add(line.sectors * SECTOR);
+        if file_len < need {
+            return Err(Error::FlatExtentShort {
+                file_len,
+                descriptor: self.desc.file_name(),
+                sectors: line.sectors,
+                start_sector: line.offset,
+                need,
+            }
+            .into());
+        }
+        Ok(ExtentData::Flat { src, offset })
     }
-    Ok(())
+
+    /// A sparse extent must hold at least as many sectors as its descriptor line claims.
+    fn check_capacity(&self, capacity: u64, line: &ExtentLine) -> Result<(), Error> {
+        if capacity < line.sectors {
+            return Err(Error::SparseExtentShort {
+                capacity,
+                descriptor: self.desc.file_name(),
+                sectors: line.sectors,
+            });
+        }
+        Ok(())
+    }
 }

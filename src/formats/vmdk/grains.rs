@@ -1,54 +1,29 @@
 //! The two-level grain map shared by the three sparse extent kinds (hosted `KDMV`, ESX `COWD`,
 //! SESparse): a grain directory (loaded in pages on demand) pointing at grain tables, which are
 //! read whole on first use, validated entry by entry against the file, and kept in a byte-bounded
-//! LRU shared by all extents of a layer. No lock is held across a read.
+//! cache shared by all extents of a layer. No lock is held across a read.
 
-use std::hash::Hash;
 use std::sync::Arc;
-
-use lru::LruCache;
-use parking_lot::Mutex;
 
 use super::Error;
 use super::sesparse::{self, Gte};
+use crate::cache::ByteCache;
 use crate::error::Result;
 use crate::formats::table::{Endian, EntryType, PAGE_BYTES, PagedTable};
 use crate::source::Source;
 
 /// Grain directory pages kept per extent (64 KiB each).
 const GD_PAGES: usize = 8;
+/// Locks each of a layer's buffer caches is spread over.
+const CACHE_SHARDS: usize = 8;
 
-/// Cached buffers and their total size.
-type Lru<K> = (LruCache<K, Arc<[u8]>>, usize);
+/// A layer's cache of immutable buffers (grain tables, or inflated grains), keyed by extent
+/// number and table or grain number.
+pub type BufferCache = ByteCache<(u32, u64), Arc<[u8]>>;
 
-/// A byte-bounded LRU of immutable buffers, shared by the extents of one layer.
-#[derive(Debug)]
-pub struct ByteLru<K: Hash + Eq> {
-    inner: Mutex<Lru<K>>,
-    max_bytes: usize,
-}
-
-impl<K: Hash + Eq> ByteLru<K> {
-    pub fn new(max_bytes: usize) -> Self {
-        ByteLru { inner: Mutex::new((LruCache::unbounded(), 0)), max_bytes }
-    }
-    pub fn get(&self, k: &K) -> Option<Arc<[u8]>> {
-        self.inner.lock().0.get(k).cloned()
-    }
-    pub fn put(&self, k: K, v: Arc<[u8]>) {
-        let mut g = self.inner.lock();
-        let (lru, bytes) = &mut *g;
-        *bytes += v.len();
-        if let Some(old) = lru.put(k, v) {
-            *bytes -= old.len();
-        }
-        while *bytes > self.max_bytes && lru.len() > 1 {
-            match lru.pop_lru() {
-                Some((_, old)) => *bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
+/// A [`BufferCache`] of at most `max_bytes`.
+pub fn buffer_cache(max_bytes: usize) -> BufferCache {
+    ByteCache::sharded(max_bytes, CACHE_SHARDS)
 }
 
 /// What one grain holds.
@@ -92,7 +67,7 @@ pub struct GrainMap {
     gd_offset: u64,
     /// Extent number within the layer: the key space in the shared table cache.
     id: u32,
-    tables: Arc<ByteLru<(u32, u64)>>,
+    tables: Arc<BufferCache>,
 }
 
 impl GrainMap {
@@ -108,16 +83,14 @@ impl GrainMap {
         gd_offset: u64,
         gd_entries: u64,
         id: u32,
-        tables: Arc<ByteLru<(u32, u64)>>,
+        tables: Arc<BufferCache>,
     ) -> Result<GrainMap> {
         let file_len = src.len()?;
         let gd_bytes = gd_entries * Self::gd_entry_size(&flavor) as u64;
         if gd_offset.checked_add(gd_bytes).is_none_or(|e| e > file_len) || gd_offset == 0 {
-            return Err(Error::PastEnd {
-                what: format!("grain directory at {gd_offset:#x} ({gd_entries} entries, {gd_bytes} bytes)"),
-                file_len,
-            }
-            .into());
+            return Err(
+                Error::DirectoryPastEnd { at: gd_offset, entries: gd_entries, bytes: gd_bytes, file_len }.into()
+            );
         }
         let entry = if Self::gd_entry_size(&flavor) == 8 {
             EntryType::U64(Endian::Little)
@@ -149,13 +122,9 @@ impl GrainMap {
         let at = match self.flavor {
             Flavor::SeSparse { gt_offset, gt_slots, .. } => match sesparse::decode_gd(e) {
                 None => return Ok(None),
-                Some(Err(())) => {
-                    return Err(Error::Corrupt(format!("grain directory entry {t} is invalid ({e:#018x})")));
-                }
+                Some(Err(())) => return Err(Error::BadDirectoryEntry { table: t, value: e }),
                 Some(Ok(i)) if i >= gt_slots => {
-                    return Err(Error::Corrupt(format!(
-                        "grain directory entry {t} names grain table {i}, but the table region holds {gt_slots}"
-                    )));
+                    return Err(Error::TableSlotOutOfRegion { table: t, slot: i, slots: gt_slots });
                 }
                 Some(Ok(i)) => gt_offset + i * self.table_bytes(),
             },
@@ -163,10 +132,7 @@ impl GrainMap {
             _ => e * 512,
         };
         if at.checked_add(self.table_bytes()).is_none_or(|end| end > self.file_len) {
-            return Err(Error::PastEnd {
-                what: format!("grain directory entry {t} puts its grain table at {at:#x}"),
-                file_len: self.file_len,
-            });
+            return Err(Error::TablePastEnd { table: t, at, file_len: self.file_len });
         }
         Ok(Some(at))
     }
@@ -177,10 +143,7 @@ impl GrainMap {
         let need = self.grain.min(self.extent_bytes.saturating_sub(g * self.grain));
         let in_file = |off: u64, n: u64| -> Result<u64, Error> {
             if off.checked_add(n).is_none_or(|end| end > self.file_len) {
-                return Err(Error::PastEnd {
-                    what: format!("grain table {t} entry {k} puts grain {g} at {off:#x}"),
-                    file_len: self.file_len,
-                });
+                return Err(Error::GrainPastEnd { table: t, entry: k, grain: g, at: off, file_len: self.file_len });
             }
             Ok(off)
         };
@@ -188,17 +151,13 @@ impl GrainMap {
             Flavor::Hosted { zero_grain, compressed } => match e {
                 0 => Ok(Grain::Unallocated),
                 1 if zero_grain => Ok(Grain::Zero),
-                1 => Err(Error::Corrupt(format!(
-                    "grain table {t} entry {k} is 1 (a zeroed grain) but the header does not enable zeroed grains"
-                ))),
+                1 => Err(Error::ZeroGrainNotEnabled { table: t, entry: k }),
                 s if compressed => Ok(Grain::Compressed(in_file(s * 512, super::hosted::GRAIN_MARKER_LEN as u64)?)),
                 s => Ok(Grain::Data(in_file(s * 512, need)?)),
             },
             Flavor::Cowd => match e {
                 0 => Ok(Grain::Unallocated),
-                s if s < 4 => {
-                    Err(Error::Corrupt(format!("grain table {t} entry {k} points into the header (sector {s})")))
-                }
+                s if s < 4 => Err(Error::GrainInHeader { table: t, entry: k, sector: s }),
                 s => Ok(Grain::Data(in_file(s * 512, need)?)),
             },
             Flavor::SeSparse { grains_offset, grains_end, .. } => match sesparse::decode_gte(e) {
@@ -208,12 +167,10 @@ impl GrainMap {
                     let off = c.checked_mul(self.grain).and_then(|o| o.checked_add(grains_offset));
                     match off {
                         Some(off) if off < grains_end => Ok(Grain::Data(in_file(off, need)?)),
-                        _ => Err(Error::Corrupt(format!(
-                            "grain table {t} entry {k} names cluster {c}, outside the grain region"
-                        ))),
+                        _ => Err(Error::ClusterOutOfRegion { table: t, entry: k, cluster: c }),
                     }
                 }
-                Gte::Bad => Err(Error::Corrupt(format!("grain table {t} entry {k} has an unknown type ({e:#018x})"))),
+                Gte::Bad => Err(Error::UnknownEntryType { table: t, entry: k, value: e }),
             },
         }
     }
@@ -254,8 +211,9 @@ impl GrainMap {
         let Some(at) = self.table_offset(t, self.gd.get(t)?)? else {
             return Ok(None);
         };
+        // Read and checked with no lock held; a concurrent miss may load the same table too.
         let (tab, _) = self.load(t, at)?;
-        self.tables.put((self.id, t), tab.clone());
+        self.tables.insert((self.id, t), tab.clone());
         Ok(Some(tab))
     }
 
@@ -356,7 +314,7 @@ mod tests {
         }
         let src = Arc::new(MemSource::new("h.vmdk", f));
         let flavor = Flavor::Hosted { zero_grain, compressed: false };
-        GrainMap::new(src, flavor, 1024, 2, 4096, 512, 2, 0, Arc::new(ByteLru::new(1 << 20))).unwrap()
+        GrainMap::new(src, flavor, 1024, 2, 4096, 512, 2, 0, Arc::new(buffer_cache(1 << 20))).unwrap()
     }
 
     #[test]
@@ -379,15 +337,5 @@ mod tests {
         let e = m.lookup(1).unwrap_err().to_string();
         assert!(e.contains("past the end of the file"), "{e}");
         assert!(m.validate_tables().is_err());
-    }
-
-    #[test]
-    fn byte_lru_evicts_to_its_bound() {
-        let c = ByteLru::new(100);
-        for i in 0..10u64 {
-            c.put(i, vec![0u8; 40].into());
-        }
-        assert!(c.get(&9).is_some() && c.get(&8).is_some());
-        assert!(c.get(&0).is_none());
     }
 }

@@ -71,16 +71,11 @@ impl Header {
         }
         let version = LE::read_u32(&b[4..8]);
         if !(1..=3).contains(&version) {
-            return Err(Error::Unsupported(format!(
-                "hosted sparse extent version {version} is not supported (1, 2 and 3 are)"
-            )));
+            return Err(Error::HostedVersion(version));
         }
         let flags = LE::read_u32(&b[8..12]);
         if flags & FLAG_NL_DETECT != 0 && &b[73..77] != b"\n \r\n" {
-            return Err(Error::Corrupt(format!(
-                "newline-detection bytes are {:02x?} instead of 0a 20 0d 0a: the file was altered by a text-mode transfer",
-                &b[73..77]
-            )));
+            return Err(Error::NewlineDetection { found: [b[73], b[74], b[75], b[76]] });
         }
         let h = Header {
             version,
@@ -98,13 +93,10 @@ impl Header {
         };
         check_grain(h.grain)?;
         if h.gtes_per_gt == 0 || h.gtes_per_gt > MAX_GTES {
-            return Err(Error::Corrupt(format!(
-                "{} grain table entries per grain table (must be 1 to {MAX_GTES}; VMware writes 512)",
-                h.gtes_per_gt
-            )));
+            return Err(Error::GtesPerTable(h.gtes_per_gt));
         }
         if !matches!(h.compress, COMPRESS_NONE | COMPRESS_DEFLATE) {
-            return Err(Error::Unsupported(format!("compression algorithm {} (only deflate is defined)", h.compress)));
+            return Err(Error::CompressAlgorithm(h.compress));
         }
         Ok(h)
     }
@@ -121,23 +113,35 @@ pub fn check_grain(sectors: u64) -> Result<(), Error> {
 /// Checks the last 1536 bytes of a stream-optimized file (footer marker, footer, end-of-stream
 /// marker) and returns the footer header.
 pub fn parse_footer(tail: &[u8]) -> Result<Header, Error> {
-    let bad = |why: &str| Error::Corrupt(format!("stream-optimized footer at the end of the file is invalid: {why}"));
     if tail.len() != 1536 {
-        return Err(bad("the file is too short to hold one"));
+        return Err(Error::BadFooter(FooterDefect::TooShort));
     }
     let (marker, rest) = tail.split_at(512);
     let (footer, eos) = rest.split_at(512);
     if LE::read_u32(&marker[8..12]) != 0 || LE::read_u32(&marker[12..16]) != MARKER_FOOTER {
-        return Err(bad("no footer marker 1536 bytes before the end"));
+        return Err(Error::BadFooter(FooterDefect::NoFooterMarker));
     }
     if LE::read_u64(&eos[0..8]) != 0 || LE::read_u32(&eos[8..12]) != 0 || LE::read_u32(&eos[12..16]) != MARKER_EOS {
-        return Err(bad("no end-of-stream marker in the last sector"));
+        return Err(Error::BadFooter(FooterDefect::NoEndOfStream));
     }
-    let h = Header::parse(footer).map_err(|e| bad(&e.to_string()))?;
+    let h = Header::parse(footer).map_err(|e| Error::FooterHeader(Box::new(e)))?;
     if h.gd_offset == GD_AT_END {
-        return Err(bad("the footer does not say where the grain directory is"));
+        return Err(Error::BadFooter(FooterDefect::NoDirectory));
     }
     Ok(h)
+}
+
+/// What is wrong with a stream-optimized footer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FooterDefect {
+    #[error("the file is too short to hold one")]
+    TooShort,
+    #[error("no footer marker 1536 bytes before the end")]
+    NoFooterMarker,
+    #[error("no end-of-stream marker in the last sector")]
+    NoEndOfStream,
+    #[error("the footer does not say where the grain directory is")]
+    NoDirectory,
 }
 
 /// A grain marker: the grain's first sector in the extent, and the compressed size that follows.

@@ -17,7 +17,7 @@
 //! * **ZERO** extents: zeros, masking the parent.
 //!
 //! Grain tables load lazily (`grains.rs`) into a byte-bounded cache per layer; compressed grains
-//! are inflated once into another (`stream.rs`). Extent files resolve under the same confinement
+//! are inflated once into another (`compressed_grains.rs`). Extent files resolve under the same confinement
 //! rules as parents. A child names its parent by `parentFileNameHint` and must match the parent's
 //! `CID` with its `parentCID` (ffffffff = no parent).
 //!
@@ -30,63 +30,35 @@
 //! extents, raw device mappings (`vmfsRaw*`, `VMFSRDM`), device-backed and unknown createTypes, a
 //! bare sparse extent with no descriptor, and compressed grains without markers. A compressed
 //! grain that fails to inflate, inflates to the wrong size or carries the wrong lba is EIO at read
-//! time. The parent CID mismatch and the missing parent are reported by the chain.
+//! time. The parent CID mismatch and the missing parent are reported by the chain. Each refusal
+//! is a variant of [`Error`] (`error.rs`), whose kind is Denied for an extent outside the allowed
+//! directories, NotFound for a missing extent, Unsupported for a valid feature vdiskfs does not
+//! read, and Corrupt for the rest.
 
+mod compressed_grains;
 mod cowd;
 mod descriptor;
+mod error;
 mod extent;
 mod grains;
 mod hosted;
+mod info;
 mod sesparse;
-mod stream;
 
 use std::sync::Arc;
 
 pub use descriptor::{Descriptor, ExtentLine, ExtentType};
+pub use error::Error;
 
 use descriptor::{Access, CreateType, MAX_DESCRIPTOR};
-use extent::{Body, Extent, ExtentFiles, SparseHeader};
-use grains::ByteLru;
+use extent::{ExtentData, ExtentFiles, SparseExtent, SparseHeader, VmdkExtent};
+use grains::{BufferCache, buffer_cache};
 use hosted::SECTOR;
 
-use crate::error::{Error as CrateError, Kind, Result};
+use crate::error::{Error as CrateError, Result};
 use crate::gate::Gate;
-use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span};
+use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentRef, Span};
 use crate::source::{Location, Source};
-
-/// What can be wrong with a VMDK's structures.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("{what} has bad magic {found:02x?}")]
-    BadMagic { what: &'static str, found: Vec<u8> },
-    #[error("grain size {0} sectors is impossible (must be a power of two from 1 sector to 1 MiB)")]
-    GrainSize(u64),
-    #[error("{what}, past the end of the file ({file_len:#x})")]
-    PastEnd { what: String, file_len: u64 },
-    #[error("compressed grain {grain} at {at:#x} is unreadable: {why}")]
-    Inflate { grain: u64, at: u64, why: String },
-    #[error("descriptor: {0}")]
-    Descriptor(String),
-    #[error("{0}")]
-    Corrupt(String),
-    #[error("{0}")]
-    Unsupported(String),
-}
-
-impl Error {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Error::Unsupported(_) => Kind::Unsupported,
-            _ => Kind::Corrupt,
-        }
-    }
-}
-
-impl From<Error> for CrateError {
-    fn from(e: Error) -> Self {
-        CrateError::new(e.kind(), e.to_string())
-    }
-}
 
 /// The largest virtual disk accepted (VMware's limit is 62 TiB).
 pub const MAX_SIZE: u64 = 64 << 40;
@@ -94,13 +66,17 @@ pub const MAX_SIZE: u64 = 64 << 40;
 const MAX_EXTENTS: usize = 32767;
 /// Grain tables cached per layer.
 const TABLE_CACHE_BYTES: usize = 16 << 20;
+/// Inflated grains cached per layer.
+const INFLATED_CACHE_BYTES: usize = 32 << 20;
 /// Grain tables are all read and checked at open when they total at most this.
 const VALIDATE_AT_OPEN_BYTES: u64 = 16 << 20;
 
 /// Where the descriptor came from.
 #[derive(Debug, Clone, Copy)]
-enum DescAt {
-    File,
+enum DescriptorAt {
+    /// A text file of its own (the file opened).
+    Standalone,
+    /// Embedded in the hosted sparse file opened, at `sector`.
     Embedded { sector: u64, sectors: u64 },
 }
 
@@ -111,14 +87,14 @@ pub struct VmdkLayer {
     /// The descriptor's file, then every extent file.
     sources: Vec<Arc<dyn Source>>,
     desc: Descriptor,
-    desc_at: DescAt,
+    desc_at: DescriptorAt,
     create_type: String,
-    extents: Vec<Extent>,
+    extents: Vec<VmdkExtent>,
     size: u64,
     parent: Option<ParentRef>,
     /// Allocated bytes, when the tables were scanned at open.
     allocated: Option<u64>,
-    inflated: ByteLru<(u32, u64)>,
+    inflated: BufferCache,
 }
 
 /// Opens one VMDK layer from its descriptor or monolithic sparse file.
@@ -127,19 +103,15 @@ pub fn open(src: Arc<dyn Source>, gate: &Gate) -> Result<Arc<dyn Layer>> {
     Ok(Arc::new(VmdkLayer::open(src, gate).map_err(|e| e.in_file(&loc))?))
 }
 
-/// A suggestion for a bare extent: the descriptor ESXi or qemu would have written next to it.
-fn descriptor_guess(loc: &Location, suffixes: &[&str]) -> String {
+/// For a bare extent: the descriptor ESXi or qemu would have written next to it, if it is there.
+fn descriptor_beside(loc: &Location, suffixes: &[&str]) -> Option<String> {
     let name = loc.file_name();
     let stem = name.strip_suffix(".vmdk").unwrap_or(&name);
-    for s in suffixes {
-        if let Some(base) = stem.strip_suffix(s) {
-            let cand = format!("{base}.vmdk");
-            if loc.dir().join(&cand).is_some_and(|l| l.exists()) {
-                return format!(" ({cand} here)");
-            }
-        }
-    }
-    String::new()
+    suffixes
+        .iter()
+        .filter_map(|s| stem.strip_suffix(s))
+        .map(|base| format!("{base}.vmdk"))
+        .find(|cand| loc.dir().join(cand).is_some_and(|l| l.exists()))
 }
 
 impl VmdkLayer {
@@ -147,48 +119,36 @@ impl VmdkLayer {
         let loc = src.location().clone();
         let len = src.len()?;
         let head = src.read_vec(0, len.min(512) as usize)?;
-        let tables = Arc::new(ByteLru::new(TABLE_CACHE_BYTES));
+        let tables = Arc::new(buffer_cache(TABLE_CACHE_BYTES));
         let mut sources = vec![src.clone()];
         let (desc, desc_at, extents) = if head.starts_with(hosted::MAGIC) {
             Self::open_monolithic(src, &loc, gate, &tables, &mut sources)?
         } else if head.starts_with(cowd::MAGIC) {
-            return Err(CrateError::unsupported(format!(
-                "a vmfsSparse (COWD) delta extent has no parent or size information of its own: open the descriptor that names it{}",
-                descriptor_guess(&loc, &["-delta"])
-            )));
+            return Err(Error::BareCowd { descriptor: descriptor_beside(&loc, &["-delta"]) }.into());
         } else if head.starts_with(&sesparse::CONST_MAGIC.to_le_bytes()) {
-            return Err(CrateError::unsupported(format!(
-                "a SESparse extent has no parent or size information of its own: open the descriptor that names it{}",
-                descriptor_guess(&loc, &["-sesparse"])
-            )));
+            return Err(Error::BareSeSparse { descriptor: descriptor_beside(&loc, &["-sesparse"]) }.into());
         } else {
             if len > MAX_DESCRIPTOR as u64 {
-                return Err(CrateError::corrupt(format!("a {len}-byte file is too large to be a VMDK descriptor")));
+                return Err(Error::DescriptorTooLarge { len }.into());
             }
             let text = descriptor::decode_text(&src.read_vec(0, len as usize)?);
             let desc = descriptor::parse(&text)?;
             let extents = Self::open_extents(&desc, &loc, gate, &tables, &mut sources)?;
-            (desc, DescAt::File, extents)
+            (desc, DescriptorAt::Standalone, extents)
         };
         let create_type = match desc.create_type.clone() {
             Some(t) => t,
-            None if matches!(desc_at, DescAt::File) => {
-                return Err(Error::Descriptor("no createType line".into()).into());
-            }
+            None if matches!(desc_at, DescriptorAt::Standalone) => return Err(Error::NoCreateType.into()),
             None => infer_create_type(&extents).to_string(),
         };
         match descriptor::classify_create_type(&create_type) {
             CreateType::Known => {}
-            CreateType::Refused(why) => {
-                return Err(CrateError::unsupported(format!("createType \"{create_type}\" {why}")));
-            }
-            CreateType::Unknown => {
-                return Err(CrateError::unsupported(format!("unknown createType \"{create_type}\"")));
-            }
+            CreateType::Refused(why) => return Err(Error::CreateTypeRefused { create_type, why }.into()),
+            CreateType::Unknown => return Err(Error::UnknownCreateType(create_type).into()),
         }
         let size = extents.last().map(|e| e.start + e.len).unwrap_or(0);
         if size == 0 {
-            return Err(Error::Descriptor("no extents".into()).into());
+            return Err(Error::NoExtents.into());
         }
         let parent = desc.parent().map(|pcid| ParentRef {
             hints: vec![Hint { kind: "parentFileNameHint".into(), path: desc.parent_hint.clone().unwrap_or_default() }],
@@ -205,7 +165,7 @@ impl VmdkLayer {
             size,
             parent,
             allocated,
-            inflated: ByteLru::new(stream::INFLATED_CACHE_BYTES),
+            inflated: buffer_cache(INFLATED_CACHE_BYTES),
         })
     }
 
@@ -215,40 +175,33 @@ impl VmdkLayer {
         src: Arc<dyn Source>,
         loc: &Location,
         gate: &Gate,
-        tables: &Arc<ByteLru<(u32, u64)>>,
+        tables: &Arc<BufferCache>,
         sources: &mut Vec<Arc<dyn Source>>,
-    ) -> Result<(Descriptor, DescAt, Vec<Extent>)> {
+    ) -> Result<(Descriptor, DescriptorAt, Vec<VmdkExtent>)> {
         let (h, footer) = extent::read_hosted_header(src.as_ref())?;
         let flen = src.len()?;
         let text = if h.desc_offset != 0 && h.desc_size != 0 {
             let at = h.desc_offset.saturating_mul(SECTOR);
             let n = h.desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR as u64);
             if at.checked_add(n).is_none_or(|e| e > flen) {
-                return Err(Error::PastEnd {
-                    what: format!("embedded descriptor at {at:#x} ({n} bytes)"),
-                    file_len: flen,
-                }
-                .into());
+                return Err(Error::EmbeddedDescriptorPastEnd { at, len: n, file_len: flen }.into());
             }
             descriptor::decode_text(&src.read_vec(at, n as usize)?)
         } else {
             String::new()
         };
         if !descriptor::looks_like_descriptor(&text) {
-            return Err(CrateError::unsupported(format!(
-                "a sparse extent without an embedded descriptor is one piece of a split disk: open the descriptor that names it{}",
-                descriptor_guess(loc, &["-s001", "-s002", "-s003", "-s004"])
-            )));
+            let descriptor = descriptor_beside(loc, &["-s001", "-s002", "-s003", "-s004"]);
+            return Err(Error::BareSparsePiece { descriptor }.into());
         }
         let desc = descriptor::parse(&text)?;
-        let desc_at = DescAt::Embedded { sector: h.desc_offset, sectors: h.desc_size };
+        let desc_at = DescriptorAt::Embedded { sector: h.desc_offset, sectors: h.desc_size };
         if h.capacity == 0 {
             let extents = Self::open_extents(&desc, loc, gate, tables, sources)?;
             return Ok((desc, desc_at, extents));
         }
-        let len = h.capacity.checked_mul(SECTOR).filter(|&l| l <= MAX_SIZE).ok_or_else(|| {
-            CrateError::corrupt(format!("capacity of {} sectors exceeds the 64 TiB limit", h.capacity))
-        })?;
+        let len =
+            h.capacity.checked_mul(SECTOR).filter(|&l| l <= MAX_SIZE).ok_or(Error::CapacityTooLarge(h.capacity))?;
         let map = extent::hosted_map(src, &h, len, 0, tables)?;
         // The embedded extent line names the file as it was first called; show it as written.
         let line = match desc.extents.as_slice() {
@@ -261,36 +214,31 @@ impl VmdkLayer {
                 offset: 0,
             },
         };
-        let body = Body::Sparse(Box::new(extent::Sparse { map, header: SparseHeader::Hosted { header: h, footer } }));
-        Ok((desc, desc_at, vec![Extent { start: 0, len, line, path: Some(loc.clone()), body, found: None }]))
+        let data =
+            ExtentData::Sparse(Box::new(SparseExtent { map, header: SparseHeader::Hosted { header: h, footer } }));
+        Ok((desc, desc_at, vec![VmdkExtent { start: 0, len, line, path: Some(loc.clone()), data, found: None }]))
     }
 
     fn open_extents(
         desc: &Descriptor,
         loc: &Location,
         gate: &Gate,
-        tables: &Arc<ByteLru<(u32, u64)>>,
+        tables: &Arc<BufferCache>,
         sources: &mut Vec<Arc<dyn Source>>,
-    ) -> Result<Vec<Extent>> {
+    ) -> Result<Vec<VmdkExtent>> {
         if desc.extents.len() > MAX_EXTENTS {
-            return Err(CrateError::unsupported(format!(
-                "{} extents (at most {MAX_EXTENTS} are supported: 64 TiB in 2 GiB pieces)",
-                desc.extents.len()
-            )));
+            return Err(Error::TooManyExtents { count: desc.extents.len(), max: MAX_EXTENTS }.into());
         }
         let mut files = ExtentFiles::new(gate, loc, tables.clone());
         let mut out = Vec::with_capacity(desc.extents.len());
         let mut start = 0u64;
         for (i, line) in desc.extents.iter().enumerate() {
             if line.access == Access::NoAccess {
-                return Err(CrateError::unsupported(format!(
-                    "extent {i} ({}) is NOACCESS: its data may not be read",
-                    line.display()
-                )));
+                return Err(Error::NoAccessExtent { index: i, line: line.display() }.into());
             }
             let end = line.sectors.checked_mul(SECTOR).and_then(|l| l.checked_add(start)).filter(|&e| e <= MAX_SIZE);
             let Some(end) = end else {
-                return Err(CrateError::corrupt("the extents add up to more than the 64 TiB limit"));
+                return Err(Error::ExtentsTooLarge.into());
             };
             out.push(files.open(i, start, line)?);
             start = end;
@@ -299,7 +247,7 @@ impl VmdkLayer {
         Ok(out)
     }
 
-    fn extent_at(&self, offset: u64) -> (usize, &Extent) {
+    fn extent_at(&self, offset: u64) -> (usize, &VmdkExtent) {
         let i = self.extents.partition_point(|e| e.start + e.len <= offset).min(self.extents.len() - 1);
         (i, &self.extents[i])
     }
@@ -314,10 +262,10 @@ impl VmdkLayer {
         }
         let mut total = 0;
         for e in &self.extents {
-            total += match &e.body {
-                Body::Zero => 0,
-                Body::Flat { .. } => e.len,
-                Body::Sparse(s) => (s.map.validate_tables()? * s.map.grain).min(e.len),
+            total += match &e.data {
+                ExtentData::Zero => 0,
+                ExtentData::Flat { .. } => e.len,
+                ExtentData::Sparse(s) => (s.map.validate_tables()? * s.map.grain).min(e.len),
             };
         }
         Ok(total)
@@ -325,19 +273,19 @@ impl VmdkLayer {
 }
 
 /// The createType a descriptor-less header implies.
-fn infer_create_type(extents: &[Extent]) -> &'static str {
-    match extents.first().map(|e| &e.body) {
-        Some(Body::Sparse(s)) if s.compressed() => "streamOptimized",
+fn infer_create_type(extents: &[VmdkExtent]) -> &'static str {
+    match extents.first().map(|e| &e.data) {
+        Some(ExtentData::Sparse(s)) if s.compressed() => "streamOptimized",
         _ => "monolithicSparse",
     }
 }
 
 /// Reads and checks every grain table when they are small enough in total, so that a bad entry
 /// is refused at open; returns the allocated bytes then.
-fn validate_small_tables(extents: &[Extent]) -> Result<Option<u64>> {
+fn validate_small_tables(extents: &[VmdkExtent]) -> Result<Option<u64>> {
     let mut table_bytes = 0;
     for e in extents {
-        if let Body::Sparse(s) = &e.body {
+        if let ExtentData::Sparse(s) = &e.data {
             let (_, bytes) = s.map.scan_directory().map_err(|err| in_extent(err, e))?;
             table_bytes += bytes;
         }
@@ -347,16 +295,18 @@ fn validate_small_tables(extents: &[Extent]) -> Result<Option<u64>> {
     }
     let mut total = 0;
     for e in extents {
-        total += match &e.body {
-            Body::Zero => 0,
-            Body::Flat { .. } => e.len,
-            Body::Sparse(s) => (s.map.validate_tables().map_err(|err| in_extent(err, e))? * s.map.grain).min(e.len),
+        total += match &e.data {
+            ExtentData::Zero => 0,
+            ExtentData::Flat { .. } => e.len,
+            ExtentData::Sparse(s) => {
+                (s.map.validate_tables().map_err(|err| in_extent(err, e))? * s.map.grain).min(e.len)
+            }
         };
     }
     Ok(Some(total))
 }
 
-fn in_extent(err: CrateError, e: &Extent) -> CrateError {
+fn in_extent(err: CrateError, e: &VmdkExtent) -> CrateError {
     match &e.path {
         Some(p) => err.in_file(p),
         None => err,
@@ -379,10 +329,10 @@ impl Layer for VmdkLayer {
         let (i, e) = self.extent_at(offset);
         let rel = offset - e.start;
         let max = max_len.min(e.len - rel);
-        match &e.body {
-            Body::Zero => Ok(Span::zero(max)),
-            Body::Flat { offset: base, .. } => Ok(Span::data(max, i, base + rel)),
-            Body::Sparse(s) => {
+        match &e.data {
+            ExtentData::Zero => Ok(Span::zero(max)),
+            ExtentData::Flat { offset: base, .. } => Ok(Span::data(max, i, base + rel)),
+            ExtentData::Sparse(s) => {
                 let (g, len) = s.map.run(rel, max).map_err(|err| in_extent(err, e))?;
                 Ok(match g {
                     grains::Grain::Unallocated => self.absent(len),
@@ -398,15 +348,16 @@ impl Layer for VmdkLayer {
         let n = self.extents.len();
         let (i, compressed) = if source < n { (source, false) } else { (source - n, true) };
         let Some(e) = self.extents.get(i) else {
-            return Err(CrateError::corrupt(format!("internal: no extent for source {source}")).in_file(&self.loc));
+            return Err(CrateError::internal(format!("no extent for source {source}")).in_file(&self.loc));
         };
-        match (&e.body, compressed) {
-            (Body::Flat { src, .. }, false) => src.read_exact_at(buf, offset),
-            (Body::Sparse(s), false) => s.map.src.read_exact_at(buf, offset),
-            (Body::Sparse(s), true) => {
-                stream::read(&s.map, i as u32, &self.inflated, offset, buf).map_err(|err| in_extent(err, e))
+        match (&e.data, compressed) {
+            (ExtentData::Flat { src, .. }, false) => src.read_exact_at(buf, offset),
+            (ExtentData::Sparse(s), false) => s.map.src.read_exact_at(buf, offset),
+            (ExtentData::Sparse(s), true) => {
+                compressed_grains::read_compressed(&s.map, i as u32, &self.inflated, offset, buf)
+                    .map_err(|err| in_extent(err, e))
             }
-            _ => Err(CrateError::corrupt(format!("internal: extent {i} has no data to read")).in_file(&self.loc)),
+            _ => Err(CrateError::internal(format!("extent {i} has no data to read")).in_file(&self.loc)),
         }
     }
 
@@ -423,68 +374,7 @@ impl Layer for VmdkLayer {
     }
 
     fn describe(&self) -> Result<LayerInfo> {
-        let d = &self.desc;
-        let mut details = vec![(
-            "descriptor".to_string(),
-            match self.desc_at {
-                DescAt::File => "standalone file".to_string(),
-                DescAt::Embedded { sector, sectors } => {
-                    format!("embedded at sector {sector} ({sectors} sectors)")
-                }
-            },
-        )];
-        let mut push = |k: &str, v: Option<String>| {
-            if let Some(v) = v {
-                details.push((k.to_string(), v));
-            }
-        };
-        push("createType", Some(self.create_type.clone()));
-        push("CID", Some(d.cid.map(|c| format!("{c:08x}")).unwrap_or_else(|| "none".into())));
-        push(
-            "parentCID",
-            d.parent_cid.map(|c| format!("{c:08x}{}", if c == 0xffff_ffff { " (no parent)" } else { "" })),
-        );
-        push("parentFileNameHint", d.parent_hint.clone());
-        push("version", d.version.clone());
-        push("encoding", d.encoding.clone());
-        for k in ["ddb.adapterType", "ddb.virtualHWVersion", "ddb.thinProvisioned", "ddb.longContentID", "ddb.uuid"] {
-            push(k, d.get(k).map(str::to_string));
-        }
-        for (i, e) in self.extents.iter().enumerate() {
-            let mut v = e.line.display();
-            if let Some(p) = &e.path {
-                v.push_str(&format!(" -> {p}"));
-            }
-            if let Some(by) = &e.found {
-                v.push_str(&format!(" (found {})", by.describe()));
-            }
-            v.push_str(&match &e.body {
-                Body::Zero => ": zeros".to_string(),
-                Body::Flat { offset, .. } => format!(": flat data from byte {offset}"),
-                Body::Sparse(s) => format!(": {}", s.summary()),
-            });
-            details.push((format!("extent {i}"), v));
-        }
-        let block_size = self
-            .extents
-            .iter()
-            .find_map(|e| match &e.body {
-                Body::Sparse(s) => Some(s.map.grain),
-                _ => None,
-            })
-            .unwrap_or(0);
-        let parent = self.parent.as_ref().map(ParentInfo::from_ref);
-        Ok(LayerInfo {
-            path: self.loc.to_string(),
-            format: "vmdk",
-            subformat: self.create_type.clone(),
-            virtual_size: self.size,
-            block_size,
-            identity: d.cid.map(|c| format!("{c:08x}")).unwrap_or_else(|| "none".into()),
-            parent,
-            allocated_bytes: self.allocated_bytes()?,
-            details,
-        })
+        info::describe(self)
     }
 }
 

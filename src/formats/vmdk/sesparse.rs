@@ -40,11 +40,6 @@ pub struct ConstHeader {
     pub grains_size: u64,
 }
 
-/// Formats the version the way VMware's tools print it (major.minor).
-fn version_str(v: u64) -> String {
-    format!("{}.{} ({v:#018x})", v >> 32, v & 0xffff_ffff)
-}
-
 impl ConstHeader {
     pub fn parse(b: &[u8]) -> Result<ConstHeader, Error> {
         let q = |i: usize| LE::read_u64(&b[i * 8..i * 8 + 8]);
@@ -52,10 +47,7 @@ impl ConstHeader {
             return Err(Error::BadMagic { what: "SESparse const header", found: b[..b.len().min(8)].to_vec() });
         }
         if q(1) != VERSION {
-            return Err(Error::Unsupported(format!(
-                "SESparse version {} is not supported (only 2.1 is)",
-                version_str(q(1))
-            )));
+            return Err(Error::SeSparseVersion(q(1)));
         }
         let h = ConstHeader {
             capacity: q(2),
@@ -73,30 +65,23 @@ impl ConstHeader {
         };
         check_grain(h.grain)?;
         if h.grain != 8 {
-            return Err(Error::Unsupported(format!("SESparse grain of {} sectors (only 8 is known)", h.grain)));
+            return Err(Error::SeSparseGrain(h.grain));
         }
         if h.grain_table_size != 64 {
-            return Err(Error::Unsupported(format!(
-                "SESparse grain table of {} sectors (only 64 is known)",
-                h.grain_table_size
-            )));
+            return Err(Error::SeSparseTableSize(h.grain_table_size));
         }
         if q(5) != 0 {
-            return Err(Error::Unsupported(format!("SESparse flags {:#x} (only 0 is known)", q(5))));
+            return Err(Error::SeSparseFlags(q(5)));
         }
         if (6..10).any(|i| q(i) != 0) || b[208..512].iter().any(|&c| c != 0) {
-            return Err(Error::Unsupported("SESparse const header has non-zero reserved fields or padding".into()));
+            return Err(Error::SeSparseReserved);
         }
         if h.capacity == 0 || h.gd_offset == 0 || h.gt_offset == 0 || h.grains_offset == 0 {
-            return Err(Error::Corrupt("SESparse const header has a zero capacity or region offset".into()));
+            return Err(Error::SeSparseZeroField);
         }
         let needed = h.capacity.div_ceil(h.grain * h.entries_per_table());
         if h.gd_size * 512 / 8 < needed {
-            return Err(Error::Corrupt(format!(
-                "SESparse grain directory holds {} entries but {} sectors need {needed}",
-                h.gd_size * 512 / 8,
-                h.capacity
-            )));
+            return Err(Error::SeSparseDirectoryShort { entries: h.gd_entries(), sectors: h.capacity, needed });
         }
         Ok(h)
     }
@@ -120,13 +105,10 @@ pub fn check_volatile(b: &[u8]) -> Result<(), Error> {
         return Err(Error::BadMagic { what: "SESparse volatile header", found: b[..b.len().min(8)].to_vec() });
     }
     if q(3) != 0 {
-        return Err(Error::Unsupported(
-            "SESparse journal needs replaying (the snapshot was not closed cleanly; power the VM on and off in ESXi, or consolidate)"
-                .into(),
-        ));
+        return Err(Error::SeSparseJournal);
     }
     if b[32..512].iter().any(|&c| c != 0) {
-        return Err(Error::Unsupported("SESparse volatile header has non-zero padding".into()));
+        return Err(Error::SeSparseVolatilePadding);
     }
     Ok(())
 }

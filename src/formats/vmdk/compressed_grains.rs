@@ -9,13 +9,10 @@ use std::sync::Arc;
 
 use flate2::{Decompress, FlushDecompress, Status};
 
-use super::Error;
-use super::grains::{ByteLru, Grain, GrainMap};
+use super::error::{Error, GrainDefect};
+use super::grains::{BufferCache, Grain, GrainMap};
 use super::hosted::{GRAIN_MARKER_LEN, GrainMarker};
-use crate::error::Result;
-
-/// Decompressed grains cached per layer.
-pub const INFLATED_CACHE_BYTES: usize = 32 << 20;
+use crate::error::{Error as CrateError, Result};
 
 /// Inflates grain `g` of `map`, whose marker is at byte `at`.
 pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
@@ -27,16 +24,17 @@ pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; first];
     map.src.read_exact_at(&mut buf, at)?;
     let m = GrainMarker::parse(&buf);
-    let bad = |why: String| Error::Inflate { grain: g, at, why };
-    if m.lba != g * (gs / 512) {
-        return Err(bad(format!("its marker names sector {} instead of {}", m.lba, g * (gs / 512))).into());
+    let bad = |defect| Error::CompressedGrain { grain: g, at, defect };
+    let lba = g * (gs / 512);
+    if m.lba != lba {
+        return Err(bad(GrainDefect::WrongLba { found: m.lba, expected: lba }).into());
     }
     if m.size == 0 || m.size as u64 > limit {
-        return Err(bad(format!("its marker gives an impossible compressed size of {} bytes", m.size)).into());
+        return Err(bad(GrainDefect::ImpossibleSize(m.size)).into());
     }
     let total = GRAIN_MARKER_LEN as u64 + m.size as u64;
     if total > avail {
-        return Err(bad(format!("its {} compressed bytes run past the end of the file", m.size)).into());
+        return Err(bad(GrainDefect::PastEnd(m.size)).into());
     }
     if total as usize > buf.len() {
         let mut rest = vec![0u8; total as usize - buf.len()];
@@ -49,15 +47,15 @@ pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
     let mut z = Decompress::new(true);
     let status = z.decompress_vec(data, &mut out, FlushDecompress::Finish);
     if out.len() as u64 > gs {
-        return Err(bad(format!("it inflates to more than {gs} bytes")).into());
+        return Err(bad(GrainDefect::TooLong(gs)).into());
     }
     match status {
         Ok(Status::StreamEnd) => {}
-        Ok(_) => return Err(bad("the deflate stream is truncated".into()).into()),
-        Err(e) => return Err(bad(format!("inflate failed: {e}")).into()),
+        Ok(_) => return Err(bad(GrainDefect::Truncated).into()),
+        Err(source) => return Err(Error::InflateFailed { grain: g, at, source }.into()),
     }
     if out.len() < expect_min {
-        return Err(bad(format!("it inflates to {} bytes instead of {}", out.len(), expect_min)).into());
+        return Err(bad(GrainDefect::TooShort { got: out.len(), expected: expect_min }).into());
     }
     out.resize(gs as usize, 0);
     Ok(out)
@@ -65,7 +63,7 @@ pub fn inflate_grain(map: &GrainMap, g: u64, at: u64) -> Result<Vec<u8>> {
 
 /// Fills `buf` from byte `rel` of a compressed extent, inflating grains through `cache`
 /// (keyed by extent number and grain).
-pub fn read(map: &GrainMap, ext: u32, cache: &ByteLru<(u32, u64)>, rel: u64, buf: &mut [u8]) -> Result<()> {
+pub fn read_compressed(map: &GrainMap, ext: u32, cache: &BufferCache, rel: u64, buf: &mut [u8]) -> Result<()> {
     let gs = map.grain;
     let mut done = 0usize;
     while done < buf.len() {
@@ -75,22 +73,13 @@ pub fn read(map: &GrainMap, ext: u32, cache: &ByteLru<(u32, u64)>, rel: u64, buf
         let n = (gs as usize - in_g).min(buf.len() - done);
         match map.lookup(g)? {
             Grain::Compressed(at) => {
-                let data = match cache.get(&(ext, g)) {
-                    Some(d) => d,
-                    None => {
-                        let d: Arc<[u8]> = inflate_grain(map, g, at)?.into();
-                        cache.put((ext, g), d.clone());
-                        d
-                    }
-                };
+                // Inflated with no lock held; a concurrent miss may inflate the same grain too.
+                let data = cache.get_or_load((ext, g), || inflate_grain(map, g, at).map(Arc::from))?;
                 buf[done..done + n].copy_from_slice(&data[in_g..in_g + n]);
             }
             Grain::Zero => buf[done..done + n].fill(0),
             other => {
-                return Err(Error::Corrupt(format!(
-                    "internal: grain {g} was mapped as compressed data but is {other:?}"
-                ))
-                .into());
+                return Err(CrateError::internal(format!("grain {g} was mapped as compressed data but is {other:?}")));
             }
         }
         done += n;
@@ -103,7 +92,7 @@ mod tests {
     use std::io::Write;
 
     use super::*;
-    use crate::formats::vmdk::grains::Flavor;
+    use crate::formats::vmdk::grains::{Flavor, buffer_cache};
     use crate::source::MemSource;
 
     fn zlib(data: &[u8]) -> Vec<u8> {
@@ -127,27 +116,29 @@ mod tests {
         }
         let src = Arc::new(MemSource::new("s.vmdk", f));
         let flavor = Flavor::Hosted { zero_grain: false, compressed: true };
-        GrainMap::new(src, flavor, 1024, 2, extent_bytes, 512, 1, 0, Arc::new(ByteLru::new(1 << 20))).unwrap()
+        GrainMap::new(src, flavor, 1024, 2, extent_bytes, 512, 1, 0, Arc::new(buffer_cache(1 << 20))).unwrap()
     }
 
     #[test]
     fn grains_inflate_including_a_short_last_grain() {
         let m = extent(&[7u8; 1024], 2, &[9u8; 512], 1536);
-        let cache = ByteLru::new(1 << 20);
+        let cache = buffer_cache(1 << 20);
         let mut buf = vec![0u8; 1536];
-        read(&m, 0, &cache, 0, &mut buf).unwrap();
+        read_compressed(&m, 0, &cache, 0, &mut buf).unwrap();
         assert!(buf[..1024].iter().all(|&b| b == 7) && buf[1024..].iter().all(|&b| b == 9));
     }
 
     #[test]
     fn wrong_sizes_and_lbas_are_errors() {
-        let cache = ByteLru::new(1 << 20);
+        let cache = buffer_cache(1 << 20);
         let mut buf = vec![0u8; 1024];
         let m = extent(&[7u8; 1000], 2, &[9u8; 1024], 2048);
-        assert!(read(&m, 0, &cache, 0, &mut buf).unwrap_err().to_string().contains("inflates to 1000 bytes"));
+        assert!(
+            read_compressed(&m, 0, &cache, 0, &mut buf).unwrap_err().to_string().contains("inflates to 1000 bytes")
+        );
         let m = extent(&[7u8; 1025], 2, &[9u8; 1024], 2048);
-        assert!(read(&m, 0, &cache, 0, &mut buf).unwrap_err().to_string().contains("more than 1024"));
+        assert!(read_compressed(&m, 0, &cache, 0, &mut buf).unwrap_err().to_string().contains("more than 1024"));
         let m = extent(&[7u8; 1024], 5, &[9u8; 1024], 2048);
-        assert!(read(&m, 0, &cache, 1024, &mut buf).unwrap_err().to_string().contains("names sector 5"));
+        assert!(read_compressed(&m, 0, &cache, 1024, &mut buf).unwrap_err().to_string().contains("names sector 5"));
     }
 }
