@@ -126,7 +126,7 @@ pub fn spawn_signal_thread(set: libc::sigset_t, mountpoint: PathBuf) -> Result<(
                     continue;
                 }
                 log::info!("signal {sig}: unmounting {}", mountpoint.display());
-                match unmount(&mountpoint) {
+                match unmount_soon(&mountpoint) {
                     Ok(()) => return,
                     Err(e) => log::error!(
                         "cannot unmount {} on signal {sig}: {e}; still serving (detach the loop device or stop the process using the disk, then signal again)",
@@ -137,6 +137,21 @@ pub fn spawn_signal_thread(set: libc::sigset_t, mountpoint: PathBuf) -> Result<(
         })
         .map(|_| ())
         .map_err(|e| Error::io("spawning the signal thread", e))
+}
+
+/// Unmounts, retrying for a moment while the mount is busy: a reader that has just closed the
+/// file leaves it busy until the kernel's RELEASE reaches us. A mount still busy after that is
+/// held by someone (a loop device, an open file); the caller says so and waits for the next signal.
+fn unmount_soon(mountpoint: &Path) -> std::io::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        match unmount(mountpoint) {
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
 }
 
 /// Unmounts (not lazily: a busy mount stays and says so): `umount(2)` as root, else
