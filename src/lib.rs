@@ -21,6 +21,7 @@
 
 pub mod cache;
 pub mod chain;
+pub mod compose;
 pub mod disk;
 pub mod error;
 pub mod export;
