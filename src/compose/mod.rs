@@ -5,7 +5,7 @@
 //! partition table. A composed disk is that disk, made virtually: no byte is copied and no
 //! volume is written.
 //!
-//! A composed disk is one [`Layer`](crate::layer::Layer) (`ComposedLayer`) over parts, each
+//! A composed disk is one [`Layer`](crate::layer::Layer) ([`ComposedLayer`]) over parts, each
 //! part a [`Chain`](crate::chain::Chain) of its own (a raw volume, or any chain vdiskfs reads).
 //! So everything above a layer (the overlay, export, SEEK_DATA/SEEK_HOLE, `map`, `info`) works
 //! unchanged. Its map says:
@@ -33,6 +33,7 @@
 //! a different composition.
 
 pub mod gpt;
+pub mod layer;
 pub mod layout;
 pub mod mbr;
 
@@ -40,6 +41,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use gpt::Guid;
+pub use layer::{ComposedLayer, Part};
 pub use layout::Layout;
 
 use crate::error::{ErrorKind, Kind};
