@@ -1,5 +1,7 @@
 //! The command line: clap types, validated into config types with no clap in them.
 
+mod compose;
+
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
@@ -8,9 +10,11 @@ use vdiskfs::chain::{DEFAULT_MAX_DEPTH, Limits, MAX_DEPTH_LIMIT};
 use vdiskfs::formats::xva;
 use vdiskfs::fs::fuse::FuseOptions;
 use vdiskfs::gate::Policy;
-use vdiskfs::open::OpenOptions;
+use vdiskfs::open::{Image, OpenOptions};
 use vdiskfs::source::Location;
 use vdiskfs::{Error, Result};
+
+pub use compose::ComposeArgs;
 
 const ABOUT: &str = "Mount VHD, VHDX, VMDK and XVA snapshot chains as flat raw image files.";
 const LONG_ABOUT: &str = "\
@@ -28,7 +32,9 @@ Examples:
   vdiskfs mount --daemon child.vhd /mnt/v     then: qemu-img convert -O qcow2 /mnt/v/child.raw out.qcow2
   fusermount3 -u /mnt/v                       unmount (or Ctrl-C a foreground mount)
   vdiskfs mount --overlay fix.ovl child.vhd /mnt/v   writable; writes go to fix.ovl, never to the images
-  vdiskfs export --overlay fix.ovl child.vhd /dev/vg/vm-disk   chain + overlay onto the target";
+  vdiskfs export --overlay fix.ovl child.vhd /dev/vg/vm-disk   chain + overlay onto the target
+  vdiskfs mount --compose mbr --bootable 1 --part-type 2=swap raw:/dev/vg/root raw:/dev/vg/swap /mnt/v
+                                              one partitioned disk, /mnt/v/disk.raw, from two volumes";
 
 #[derive(Debug, Parser)]
 #[command(name = "vdiskfs", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -85,8 +91,9 @@ is created sparse; holes and all-zero ranges are skipped when the target is new 
 shows a progress bar. Refuses a target that is mounted or in use, attached to a loop device, one
 of the sources, or smaller than the disk. On failure it says how much of the target was written.
 
-Example:
-  vdiskfs export --overlay fixups.ovl --verify vm-snap.vhd /dev/vg0/vm-disk")]
+Examples:
+  vdiskfs export --overlay fixups.ovl --verify vm-snap.vhd /dev/vg0/vm-disk
+  vdiskfs export --compose mbr --part-offset 16KiB raw:/dev/xen/vm-disk /dev/kvm/vm-disk")]
     Export(ExportArgs),
     /// Verify every stored checksum (XVA chunks) by reading all data; report each bad range.
     #[command(long_about = "\
@@ -137,6 +144,8 @@ pub struct OpenArgs {
     /// (they are accepted anyway when the top is a block device, as on XenServer LVM storage).
     #[arg(long)]
     pub allow_devices: bool,
+    #[command(flatten)]
+    pub compose: ComposeArgs,
 }
 
 impl OpenArgs {
@@ -158,6 +167,7 @@ impl OpenArgs {
             policy: Policy { parent_dirs, trust_locators: self.trust_locators, allow_devices: self.allow_devices },
             limits: Limits { max_depth: self.max_depth, check_identity: !self.ignore_parent_id },
             xva: xva::Options { cache_dir: Some(cache_dir), verify: !self.no_verify, ..Default::default() },
+            compose: self.compose.spec()?,
             ..OpenOptions::default()
         })
     }
@@ -168,9 +178,17 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::io(p.display().to_string(), e))
 }
 
-/// An IMAGE argument as a location.
-pub fn image(p: &Path) -> Result<Location> {
-    absolute(p).map(Location::local)
+/// An IMAGE argument: `raw:PATH` or an image, at a location.
+pub fn image(p: &Path) -> Result<Image> {
+    Image::parse(p.as_os_str(), |rest| absolute(Path::new(rest)).map(Location::local))
+}
+
+/// IMAGE [IMAGE...]: several only with --compose.
+fn images(first: &Path, more: &[PathBuf], open: &OpenArgs) -> Result<Vec<Image>> {
+    if !more.is_empty() && open.compose.compose.is_none() {
+        return Err(Error::usage("several IMAGEs need --compose (one disk composed of them all)"));
+    }
+    std::iter::once(first).chain(more.iter().map(PathBuf::as_path)).map(image).collect()
 }
 
 /// `$XDG_CACHE_HOME/vdiskfs`, else `~/.cache/vdiskfs`, else `/var/cache/vdiskfs`.
@@ -223,7 +241,7 @@ pub struct MountArgs {
 /// A validated `mount`.
 #[derive(Debug)]
 pub struct MountConfig {
-    pub images: Vec<Location>,
+    pub images: Vec<Image>,
     pub mountpoint: PathBuf,
     pub open: OpenOptions,
     pub fuse: FuseOptions,
@@ -264,8 +282,11 @@ impl MountArgs {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// The top of the chain.
+    /// The top of the chain (raw:PATH for a raw volume).
     pub image: PathBuf,
+    /// With --compose: the other parts, in order.
+    #[arg(value_name = "IMAGE")]
+    pub more: Vec<PathBuf>,
     #[command(flatten)]
     pub open: OpenArgs,
     /// Print JSON instead of text.
@@ -273,12 +294,24 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
+impl InfoArgs {
+    pub fn images(&self) -> Result<Vec<Image>> {
+        images(&self.image, &self.more, &self.open)
+    }
+}
+
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "vdiskfs export [OPTIONS] IMAGE TARGET\n       vdiskfs export --compose TABLE [OPTIONS] IMAGE... TARGET"
+)]
 pub struct ExportArgs {
-    /// The top of the chain.
+    /// The top of the chain (raw:PATH for a raw volume).
     pub image: PathBuf,
     /// File or block device to write.
     pub target: PathBuf,
+    /// With --compose: more parts, then the TARGET last.
+    #[arg(value_name = "IMAGE")]
+    pub more: Vec<PathBuf>,
     #[command(flatten)]
     pub open: OpenArgs,
     /// Merge this overlay (read-only) over the chain.
@@ -299,4 +332,14 @@ pub struct ExportArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl ExportArgs {
+    /// The IMAGEs and the TARGET, which is always the last path.
+    pub fn images_and_target(&self) -> Result<(Vec<Image>, PathBuf)> {
+        let mut all: Vec<PathBuf> = vec![self.image.clone(), self.target.clone()];
+        all.extend(self.more.iter().cloned());
+        let target = all.pop().expect("two paths at least");
+        Ok((images(&all[0], &all[1..], &self.open)?, target))
+    }
 }
