@@ -50,21 +50,25 @@ add_backports
 apt-get update -q
 
 # Tools the tests run, and the independent readers they compare with. openssh-server: the
-# remote tests start their own sshd on 127.0.0.1 (the system's own sshd service is not used).
+# remote tests start their own sshd on 127.0.0.1 (the system's own sshd service is not used);
+# gdisk and parted read composed disks' partition tables; debootstrap builds the guests of the
+# manual boot scripts.
 apt-get install -y -q --no-install-recommends \
   fuse3 kpartx fdisk e2fsprogs util-linux mount xz-utils gzip zstd xxhash tar \
   libvhdi-utils libvmdk-utils qemu-utils xva-img python3-pip \
-  fio bc openssh-server openssh-client openssh-sftp-server
+  fio bc openssh-server openssh-client openssh-sftp-server gdisk parted debootstrap
 
 # guestfish (libguestfs, a TCG appliance) for the overlay tests. Its qemu-system must match
-# qemu-utils: take it from backports when qemu-utils came from there.
+# qemu-utils: take it from backports when qemu-utils came from there. grub-pc-bin (GRUB's BIOS
+# modules, for grub-install on composed disks) must match the grub-common libguestfs brings, so
+# it comes from the same suite.
 kernel=linux-image-amd64
 [ "$ID" = ubuntu ] && kernel=linux-image-generic
 policy=$(apt-cache policy qemu-utils)
 if [ -n "$release" ] && grep -q "${release}-backports" <<<"$policy"; then
-  apt-get install -y -q -t "${release}-backports" guestfish "$kernel" qemu-system-x86
+  apt-get install -y -q -t "${release}-backports" guestfish "$kernel" qemu-system-x86 grub-pc-bin
 else
-  apt-get install -y -q guestfish "$kernel"
+  apt-get install -y -q guestfish "$kernel" grub-pc-bin
 fi
 
 # dissect.hypervisor: a third independent reader for SESparse and COWD. Pinned: the tests

@@ -1,5 +1,7 @@
 //! The command line: clap types, validated into config types with no clap in them.
 
+mod compose;
+
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
@@ -8,10 +10,12 @@ use vdiskfs::chain::{DEFAULT_MAX_DEPTH, Limits, MAX_DEPTH_LIMIT};
 use vdiskfs::formats::xva;
 use vdiskfs::fs::fuse::FuseOptions;
 use vdiskfs::gate::Policy;
-use vdiskfs::open::OpenOptions;
+use vdiskfs::open::{Image, OpenOptions};
 use vdiskfs::source::Location;
 use vdiskfs::source::remote::{self, RemoteOptions};
 use vdiskfs::{Error, Result};
+
+pub use compose::ComposeArgs;
 
 const ABOUT: &str = "Mount VHD, VHDX, VMDK and XVA snapshot chains as flat raw image files.";
 const LONG_ABOUT: &str = "\
@@ -31,7 +35,9 @@ Examples:
   vdiskfs mount --overlay fix.ovl child.vhd /mnt/v   writable; writes go to fix.ovl, never to the images
   vdiskfs export --overlay fix.ovl child.vhd /dev/vg/vm-disk   chain + overlay onto the target
   vdiskfs mount --daemon ssh://root@esx/vmfs/volumes/ds1/vm/vm-000002.vmdk /mnt/v
-                                              a chain where it lives, read over ssh as needed";
+                                              a chain where it lives, read over ssh as needed
+  vdiskfs mount --compose mbr --bootable 1 --part-type 2=swap raw:/dev/vg/root raw:/dev/vg/swap /mnt/v
+                                              one partitioned disk, /mnt/v/disk.raw, from two volumes";
 
 #[derive(Debug, Parser)]
 #[command(name = "vdiskfs", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -88,8 +94,9 @@ is created sparse; holes and all-zero ranges are skipped when the target is new 
 shows a progress bar. Refuses a target that is mounted or in use, attached to a loop device, one
 of the sources, or smaller than the disk. On failure it says how much of the target was written.
 
-Example:
-  vdiskfs export --overlay fixups.ovl --verify vm-snap.vhd /dev/vg0/vm-disk")]
+Examples:
+  vdiskfs export --overlay fixups.ovl --verify vm-snap.vhd /dev/vg0/vm-disk
+  vdiskfs export --compose mbr --part-offset 16KiB raw:/dev/xen/vm-disk /dev/kvm/vm-disk")]
     Export(ExportArgs),
     /// Verify every stored checksum (XVA chunks) by reading all data; report each bad range.
     #[command(long_about = "\
@@ -157,6 +164,8 @@ pub struct OpenArgs {
     /// (they are accepted anyway when the top is a block device, as on XenServer LVM storage).
     #[arg(long)]
     pub allow_devices: bool,
+    #[command(flatten)]
+    pub compose: ComposeArgs,
 }
 
 impl OpenArgs {
@@ -201,6 +210,7 @@ impl OpenArgs {
             limits: Limits { max_depth: self.max_depth, check_identity: !self.ignore_parent_id },
             xva: xva::Options { cache_dir: Some(cache_dir), verify: !self.no_verify, ..Default::default() },
             remote,
+            compose: self.compose.spec()?,
             ..OpenOptions::default()
         })
     }
@@ -236,12 +246,25 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::io(p.display().to_string(), e))
 }
 
-/// An IMAGE argument as a location: a local path, or `ssh://[user@]host[:port]/path`.
-pub fn image(p: &Path) -> Result<Location> {
+/// A location on the command line: a local path, or `ssh://[user@]host[:port]/path`.
+pub fn location(p: &Path) -> Result<Location> {
     match remote_url(p) {
         Some(url) => Location::parse_ssh(url).map_err(|e| Error::from(e).in_file(url)),
         None => absolute(p).map(Location::local),
     }
+}
+
+/// An IMAGE argument: `raw:LOCATION` for a raw volume, or an image at a location.
+pub fn image(p: &Path) -> Result<Image> {
+    Image::parse(p.as_os_str(), |rest| location(Path::new(rest)))
+}
+
+/// IMAGE [IMAGE...]: several only with --compose.
+fn images(first: &Path, more: &[PathBuf], open: &OpenArgs) -> Result<Vec<Image>> {
+    if !more.is_empty() && open.compose.compose.is_none() {
+        return Err(Error::usage("several IMAGEs need --compose (one disk composed of them all)"));
+    }
+    std::iter::once(first).chain(more.iter().map(PathBuf::as_path)).map(image).collect()
 }
 
 /// `$XDG_CACHE_HOME/vdiskfs`, else `~/.cache/vdiskfs`, else `/var/cache/vdiskfs`.
@@ -294,7 +317,7 @@ pub struct MountArgs {
 /// A validated `mount`.
 #[derive(Debug)]
 pub struct MountConfig {
-    pub images: Vec<Location>,
+    pub images: Vec<Image>,
     pub mountpoint: PathBuf,
     pub open: OpenOptions,
     pub fuse: FuseOptions,
@@ -335,8 +358,11 @@ impl MountArgs {
 
 #[derive(Debug, Args)]
 pub struct InfoArgs {
-    /// The top of the chain.
+    /// The top of the chain (raw:PATH for a raw volume).
     pub image: PathBuf,
+    /// With --compose: the other parts, in order.
+    #[arg(value_name = "IMAGE")]
+    pub more: Vec<PathBuf>,
     #[command(flatten)]
     pub open: OpenArgs,
     /// Print JSON instead of text.
@@ -344,12 +370,24 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
+impl InfoArgs {
+    pub fn images(&self) -> Result<Vec<Image>> {
+        images(&self.image, &self.more, &self.open)
+    }
+}
+
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "vdiskfs export [OPTIONS] IMAGE TARGET\n       vdiskfs export --compose TABLE [OPTIONS] IMAGE... TARGET"
+)]
 pub struct ExportArgs {
-    /// The top of the chain.
+    /// The top of the chain (raw:PATH for a raw volume).
     pub image: PathBuf,
     /// File or block device to write.
     pub target: PathBuf,
+    /// With --compose: more parts, then the TARGET last.
+    #[arg(value_name = "IMAGE")]
+    pub more: Vec<PathBuf>,
     #[command(flatten)]
     pub open: OpenArgs,
     /// Merge this overlay (read-only) over the chain.
@@ -370,4 +408,14 @@ pub struct ExportArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl ExportArgs {
+    /// The IMAGEs and the TARGET, which is always the last path.
+    pub fn images_and_target(&self) -> Result<(Vec<Image>, PathBuf)> {
+        let mut all: Vec<PathBuf> = vec![self.image.clone(), self.target.clone()];
+        all.extend(self.more.iter().cloned());
+        let target = all.pop().expect("two paths at least");
+        Ok((images(&all[0], &all[1..], &self.open)?, target))
+    }
 }

@@ -162,4 +162,9 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn compressed(&self, _source: usize) -> bool {
         false
     }
+    /// What `map` names as the place of `Data { source, .. }`: the layer's file, unless the
+    /// layer reads several (a composed disk's table and parts).
+    fn source_name(&self, _source: usize) -> String {
+        self.location().to_string()
+    }
 }

@@ -9,7 +9,8 @@
 //!    │
 //!  Chain       top → base, parent identity checked; a cached merged block map
 //!    │
-//!  Disk        Chain + optional copy-on-write overlay for writes
+//!  Disk        Chain + optional copy-on-write overlay for writes; a composed disk's chain is
+//!    │         one layer over parts: a generated partition table, then each part's chain
 //!    │
 //!  fs          inode table of Disks: read / write / lseek / statfs as plain Rust returning Result
 //!    │
@@ -21,6 +22,7 @@
 
 pub mod cache;
 pub mod chain;
+pub mod compose;
 pub mod disk;
 pub mod error;
 pub mod export;

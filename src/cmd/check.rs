@@ -11,7 +11,7 @@ use vdiskfs::progress::Progress;
 use vdiskfs::{Error, Kind, Result};
 
 use super::progress::Bar;
-use crate::cli::{InfoArgs, image};
+use crate::cli::InfoArgs;
 
 /// One range that could not be read.
 struct Bad {
@@ -33,7 +33,7 @@ pub fn run(a: &InfoArgs) -> Result<()> {
     let mut opts = a.open.options()?;
     opts.xva.verify = true; // `check` verifies whatever --no-verify says
     let bar = Bar::new(!a.json);
-    let disks = open_images(&[image(&a.image)?], &opts, &bar)?;
+    let disks = open_images(&a.images()?, &opts, &bar)?;
     let mut total = 0;
     for d in &disks {
         total += d.chain().allocated_bytes()?;

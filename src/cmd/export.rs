@@ -5,11 +5,12 @@ use vdiskfs::open::open_images;
 use vdiskfs::{Error, Result};
 
 use super::progress::Bar;
-use crate::cli::{ExportArgs, image};
+use crate::cli::ExportArgs;
 
 pub fn run(a: &ExportArgs) -> Result<()> {
     let bar = Bar::new(!a.quiet);
-    let mut disks = open_images(&[image(&a.image)?], &a.open.options()?, &bar)?;
+    let (images, target) = a.images_and_target()?;
+    let mut disks = open_images(&images, &a.open.options()?, &bar)?;
     let disk = match &a.disk {
         Some(n) => {
             let names: Vec<String> = disks.iter().map(|d| d.name().to_string()).collect();
@@ -34,7 +35,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         None => disk,
     };
     let ecfg = ExportConfig {
-        target: a.target.clone(),
+        target: target.clone(),
         target_zeroed: a.target_zeroed,
         verify: a.verify,
         threads: a.threads.clamp(1, 64),
@@ -45,7 +46,7 @@ pub fn run(a: &ExportArgs) -> Result<()> {
         "exported {} ({} bytes) to {} in {:.2} s: {} bytes written ({:.0} MB/s), {} zero bytes skipped, {} zeroed{}",
         disk.name(),
         disk.size(),
-        a.target.display(),
+        target.display(),
         secs,
         st.written,
         st.written as f64 / secs / 1e6,

@@ -7,10 +7,10 @@ use vdiskfs::open::open_images;
 
 use super::human;
 use super::progress::Bar;
-use crate::cli::{InfoArgs, image};
+use crate::cli::InfoArgs;
 
 pub fn run(a: &InfoArgs) -> Result<()> {
-    let disks = open_images(&[image(&a.image)?], &a.open.options()?, &Bar::new(true))?;
+    let disks = open_images(&a.images()?, &a.open.options()?, &Bar::new(true))?;
     let mut out = Vec::new();
     for d in &disks {
         out.push((d, d.chain().describe()?));

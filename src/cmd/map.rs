@@ -9,7 +9,7 @@ use vdiskfs::open::open_images;
 use vdiskfs::{Error, Result};
 
 use super::progress::Bar;
-use crate::cli::{InfoArgs, image};
+use crate::cli::InfoArgs;
 
 /// One extent as `map` shows it.
 struct Row {
@@ -52,7 +52,7 @@ impl Row {
 }
 
 pub fn run(a: &InfoArgs) -> Result<()> {
-    let disks = open_images(&[image(&a.image)?], &a.open.options()?, &Bar::new(true))?;
+    let disks = open_images(&a.images()?, &a.open.options()?, &Bar::new(true))?;
     let stdout = std::io::stdout();
     let mut w = std::io::BufWriter::new(stdout.lock());
     let wr = |e: std::io::Error| Error::io("writing output", e);
@@ -75,7 +75,11 @@ pub fn run(a: &InfoArgs) -> Result<()> {
                 }
                 write!(w, "{}{o}", if i == 0 { "" } else { ",\n" }).map_err(wr)?;
             } else {
-                let file = chain.layers().get(r.depth).map(|l| l.location().to_string()).unwrap_or_default();
+                let file = match (chain.layers().get(r.depth), e.kind) {
+                    (Some(l), ExtentKind::Data { source, .. }) => l.source_name(source as usize),
+                    (Some(l), _) => l.location().to_string(),
+                    (None, _) => String::new(),
+                };
                 let mapped = r.offset.map(|o| format!("{o:#x}")).unwrap_or_default();
                 let (start, len) = (format!("{:#x}", e.start), format!("{:#x}", e.len));
                 writeln!(w, "{start:<20}{len:<20}{:<8}{:<10}{mapped:<20}{file}", r.depth, r.kind()).map_err(wr)?;

@@ -1,6 +1,7 @@
 //! Image formats: detection by magic bytes and opening one layer.
 
 pub mod bitset;
+pub mod raw;
 pub mod table;
 pub mod vhd;
 pub mod vhdx;

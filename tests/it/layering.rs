@@ -16,6 +16,7 @@ const RANKS: &[(&str, u32)] = &[
     ("formats", 4),
     ("chain", 4),
     ("overlay", 4),
+    ("compose", 5),
     ("disk", 5),
     ("export", 6),
     ("fs", 6),

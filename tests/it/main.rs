@@ -4,6 +4,8 @@ mod common;
 mod harness;
 
 mod cli;
+mod compose;
+mod compose_write;
 mod corpus;
 mod layering;
 mod overlay;
