@@ -59,7 +59,8 @@ warm() { cat $1 >/dev/null; }
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 
 measure() { # BIN NAME IMAGE
-  local bin=$1 name=$2 img=$3 m=$W/ab-$name
+  local bin=$1 name=$2 img=$3
+  local m=$W/ab-$name
   mkdir -p "$m"
   "$bin" mount --daemon "$img" "$m" >/dev/null
   mnts+=("$m")
