@@ -7,10 +7,9 @@
 //! mounted or held), a regular file must not be attached to a loop device, neither may be one of
 //! the sources, and it must be at least as large as the disk.
 
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+mod target;
+
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +19,7 @@ use parking_lot::Mutex;
 use crate::disk::Disk;
 use crate::error::{Error, ErrorKind, Kind, Result};
 use crate::progress::Progress;
+pub use target::{Create, Target};
 
 const PIECE: u64 = 4 << 20;
 
@@ -49,12 +49,6 @@ enum Job {
     Copy(u64, u64),
     /// Make a hole read as zeros on a target that is not known to be zeroed.
     Zero(u64, u64),
-}
-
-struct Target {
-    file: File,
-    block_device: bool,
-    created: bool,
 }
 
 /// Why an export refuses its target or fails.
@@ -95,92 +89,6 @@ impl ErrorKind for ExportError {
     }
 }
 
-fn err(target: &Path, e: ExportError) -> Error {
-    Error::from(e).in_file(target.display())
-}
-
-/// Loop devices whose backing file is `path`.
-fn loop_devices_backed_by(path: &Path) -> Vec<String> {
-    let Ok(canon) = std::fs::canonicalize(path) else { return Vec::new() };
-    let Ok(rd) = std::fs::read_dir("/sys/block") else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let bf = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            (Path::new(bf.trim()) == canon).then(|| format!("/dev/{name}"))
-        })
-        .collect()
-}
-
-fn open_target(disk: &Disk, cfg: &ExportConfig, sources: &[PathBuf]) -> Result<Target> {
-    let t = &cfg.target;
-    let size = disk.size();
-    match std::fs::metadata(t) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let file = OpenOptions::new()
-                .write(true)
-                .read(true)
-                .create_new(true)
-                .open(t)
-                .map_err(|e| Error::io("cannot create target", e).in_file(t.display()))?;
-            file.set_len(size).map_err(|e| Error::io("cannot size target", e).in_file(t.display()))?;
-            Ok(Target { file, block_device: false, created: true })
-        }
-        Err(e) => Err(Error::io("cannot stat target", e).in_file(t.display())),
-        Ok(md) => {
-            let ft = md.file_type();
-            if !(ft.is_file() || ft.is_block_device()) {
-                return Err(err(t, ExportError::NotFileOrDevice));
-            }
-            for s in sources {
-                if let Ok(smd) = std::fs::metadata(s)
-                    && smd.dev() == md.dev()
-                    && smd.ino() == md.ino()
-                {
-                    return Err(err(t, ExportError::IsSource(s.display().to_string())));
-                }
-            }
-            if ft.is_file() {
-                let loops = loop_devices_backed_by(t);
-                if !loops.is_empty() {
-                    return Err(err(t, ExportError::LoopAttached(loops.join(", "))));
-                }
-            }
-            // O_EXCL on a block device is an exclusive open: it fails if the device is mounted,
-            // holds a mounted partition, or is claimed by device-mapper or md.
-            let mut oo = OpenOptions::new();
-            oo.read(true).write(true);
-            if ft.is_block_device() {
-                oo.custom_flags(libc::O_EXCL);
-            }
-            let file = oo.open(t).map_err(|e| {
-                if e.raw_os_error() == Some(libc::EBUSY) {
-                    err(t, ExportError::InUse)
-                } else {
-                    Error::io("cannot open target", e).in_file(t.display())
-                }
-            })?;
-            let len =
-                (&file).seek_end().map_err(|e| Error::io("cannot find the target's size", e).in_file(t.display()))?;
-            if len < size {
-                return Err(err(t, ExportError::TooSmall { len, size }));
-            }
-            Ok(Target { file, block_device: ft.is_block_device(), created: false })
-        }
-    }
-}
-
-trait SeekEnd {
-    fn seek_end(self) -> std::io::Result<u64>;
-}
-impl SeekEnd for &File {
-    fn seek_end(self) -> std::io::Result<u64> {
-        use std::io::Seek;
-        let mut f = self;
-        f.seek(std::io::SeekFrom::End(0))
-    }
-}
-
 /// Data ranges of the disk, from SEEK_DATA/SEEK_HOLE on the merged view.
 fn data_ranges(disk: &Disk) -> Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
@@ -191,32 +99,6 @@ fn data_ranges(disk: &Disk) -> Result<Vec<(u64, u64)>> {
         pos = h;
     }
     Ok(out)
-}
-
-fn zero_range(t: &Target, off: u64, len: u64) -> std::io::Result<()> {
-    let fd = t.file.as_raw_fd();
-    let done = if t.block_device {
-        let range: [u64; 2] = [off, len];
-        // BLKZEROOUT = _IO(0x12, 127)
-        // SAFETY: ioctl with a pointer to two u64, as BLKZEROOUT expects.
-        unsafe { libc::ioctl(fd, 0x127f, range.as_ptr()) == 0 }
-    } else {
-        // SAFETY: fallocate on an owned descriptor.
-        unsafe {
-            libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, off as i64, len as i64) == 0
-        }
-    };
-    if done {
-        return Ok(());
-    }
-    let zeros = vec![0u8; PIECE as usize];
-    let mut p = off;
-    while p < off + len {
-        let n = (off + len - p).min(PIECE) as usize;
-        t.file.write_all_at(&zeros[..n], p)?;
-        p += n as u64;
-    }
-    Ok(())
 }
 
 /// Granularity of zero detection on zeroed targets (as `qemu-img convert -S 4k`).
@@ -242,8 +124,8 @@ fn nonzero_runs(buf: &[u8], zeros: &[u8]) -> Vec<(usize, usize)> {
 /// target.
 pub fn export(disk: &Disk, cfg: &ExportConfig, progress: &dyn Progress) -> Result<ExportStats> {
     let started = Instant::now();
-    let target = open_target(disk, cfg, &disk.source_paths())?;
-    let zeroed = cfg.target_zeroed || target.created;
+    let target = Target::open(&cfg.target, disk.size(), &disk.source_paths(), Create::IfMissing)?;
+    let zeroed = cfg.target_zeroed || target.created();
     let size = disk.size();
     // Plan: data ranges are copied; holes are zeroed unless the target is already zero.
     let data = data_ranges(disk)?;
@@ -341,7 +223,6 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, progress: &dyn Progress) -> Resul
                     (Job::Copy(off, _), Some(b)) => runs.iter().try_for_each(|&(s, l)| {
                         let at = off + s as u64;
                         target
-                            .file
                             .write_all_at(&b[s..s + l], at)
                             .map(|()| {
                                 written.fetch_add(l as u64, Ordering::Relaxed);
@@ -350,7 +231,8 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, progress: &dyn Progress) -> Resul
                                 Error::io(format!("writing {l} bytes at {at:#x}"), e).in_file(cfg.target.display())
                             })
                     }),
-                    (Job::Zero(off, n), _) => zero_range(&target, off, n)
+                    (Job::Zero(off, n), _) => target
+                        .zero_range(off, n)
                         .map(|()| {
                             zeroed_bytes.fetch_add(n, Ordering::Relaxed);
                         })
@@ -384,11 +266,12 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, progress: &dyn Progress) -> Resul
                 Job::Copy(o, _) | Job::Zero(o, _) => *o,
             })
             .unwrap_or(size);
-        let _ = target.file.sync_all();
+        let _ = target.flush();
         let written = written.load(Ordering::Relaxed);
-        return Err(err(&cfg.target, ExportError::Incomplete { at, complete: complete_upto, written, cause: e }));
+        let e = ExportError::Incomplete { at, complete: complete_upto, written, cause: e };
+        return Err(Error::from(e).in_file(cfg.target.display()));
     }
-    target.file.sync_all().map_err(|e| Error::io("syncing target", e).in_file(cfg.target.display()))?;
+    target.flush()?;
     let mut stats = ExportStats {
         written: written.into_inner(),
         skipped: skipped.into_inner(),
@@ -397,14 +280,14 @@ pub fn export(disk: &Disk, cfg: &ExportConfig, progress: &dyn Progress) -> Resul
         verified: false,
     };
     if cfg.verify {
-        verify(disk, &target.file, cfg, progress)?;
+        verify(disk, &target, cfg, progress)?;
         stats.verified = true;
     }
     Ok(stats)
 }
 
 /// Re-reads the target and compares it with the disk, piece by piece, in parallel.
-fn verify(disk: &Disk, target: &File, cfg: &ExportConfig, progress: &dyn Progress) -> Result<()> {
+fn verify(disk: &Disk, target: &Target, cfg: &ExportConfig, progress: &dyn Progress) -> Result<()> {
     let size = disk.size();
     let pieces = size.div_ceil(PIECE);
     progress.start("verify", size);
