@@ -140,7 +140,7 @@ impl Target {
     }
 
     /// Makes `[off, off + len)` read as zeros: `BLKZEROOUT` on a block device,
-    /// `FALLOC_FL_ZERO_RANGE` on a file, writing zeros where neither works.
+    /// `FALLOC_FL_ZERO_RANGE` (then `PUNCH_HOLE`) on a file, writing zeros where neither works.
     pub fn zero_range(&self, off: u64, len: u64) -> std::io::Result<()> {
         let fd = self.file.as_raw_fd();
         let done = if self.block_device {
@@ -151,7 +151,10 @@ impl Target {
         } else {
             let (o, l) = (off as i64, len as i64);
             // SAFETY: fallocate on an owned descriptor.
-            unsafe { libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, o, l) == 0 }
+            unsafe {
+                libc::fallocate(fd, libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, o, l) == 0
+                    || libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l) == 0
+            }
         };
         if done {
             return Ok(());
