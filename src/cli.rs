@@ -137,6 +137,11 @@ pub struct OpenArgs {
     /// (they are accepted anyway when the top is a block device, as on XenServer LVM storage).
     #[arg(long)]
     pub allow_devices: bool,
+    /// Treat the chain as if IMAGE (its top) were absent: the disk is IMAGE's parent chain. For
+    /// the running VM's active image, which the hypervisor is still writing (ESXi keeps its
+    /// extent locked; only its descriptor is read). The disk keeps IMAGE's name.
+    #[arg(long)]
+    pub exclude_top: bool,
 }
 
 impl OpenArgs {
@@ -158,6 +163,7 @@ impl OpenArgs {
             policy: Policy { parent_dirs, trust_locators: self.trust_locators, allow_devices: self.allow_devices },
             limits: Limits { max_depth: self.max_depth, check_identity: !self.ignore_parent_id },
             xva: xva::Options { cache_dir: Some(cache_dir), verify: !self.no_verify, ..Default::default() },
+            exclude_top: self.exclude_top,
             ..OpenOptions::default()
         })
     }

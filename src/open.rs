@@ -27,6 +27,9 @@ pub struct OpenOptions {
     pub map_cache_bytes: usize,
     /// XVA settings (cache directory, checksum verification).
     pub xva: xva::Options,
+    /// Leave each chain's top out, as if it were absent (`--exclude-top`): the running VM's
+    /// active image. It is read only for its parent link; the disk keeps its name.
+    pub exclude_top: bool,
 }
 
 impl Default for OpenOptions {
@@ -36,6 +39,7 @@ impl Default for OpenOptions {
             limits: Limits::default(),
             map_cache_bytes: 64 << 20,
             xva: Default::default(),
+            exclude_top: false,
         }
     }
 }
@@ -64,6 +68,11 @@ fn open_image(
     let id = src.id();
     let mtime = id.map_or(SystemTime::UNIX_EPOCH, mtime_of);
     let ctx = FormatContext { gate: &gate, xva: &opts.xva, progress };
+    if opts.exclude_top {
+        let top = Link { layer: formats::open_parent_link(src, &ctx)?, id, found: None };
+        let chain = Chain::open_below(top, &Resolver { ctx }, opts.limits, opts.map_cache_bytes)?;
+        return Ok(vec![(formats::raw_name(&img.file_name()), chain, mtime)]);
+    }
     match formats::open(src, &ctx)? {
         Opened::Layer(layer) => {
             let top = Link { layer, id, found: None };

@@ -32,6 +32,9 @@ const MAP_SHARDS: usize = 16;
 /// A chain of layers, top first.
 pub struct Chain {
     layers: Vec<Arc<dyn Layer>>,
+    /// The top the user named but asked to leave out (`--exclude-top`), opened for its parent
+    /// link only.
+    excluded: Option<Arc<dyn Layer>>,
     /// How each parent was found (index 0, the top, is `None`).
     found: Vec<Option<FoundBy>>,
     size: u64,
@@ -64,11 +67,31 @@ impl Chain {
         Ok(chain)
     }
 
+    /// The chain below `top`, as if `top` were absent: its parent becomes the top. `top` is
+    /// used only to find and check its parent (a running VM's active image, which may not be
+    /// readable beyond its header or descriptor).
+    pub fn open_below(
+        top: Link,
+        resolver: &dyn ParentResolver,
+        limits: Limits,
+        map_cache_bytes: usize,
+    ) -> Result<Chain> {
+        if top.layer.parent().is_none() {
+            return Err(Error::from(ChainError::NothingBelow).in_file(top.layer.location()));
+        }
+        let mut chain = Self::open(top, resolver, limits, map_cache_bytes)?;
+        let top = chain.layers.remove(0);
+        chain.found.remove(0);
+        chain.size = chain.layers[0].virtual_size();
+        chain.excluded = Some(top);
+        Ok(chain)
+    }
+
     /// A chain over layers that were linked by the caller (top first; at least one).
     pub fn from_layers(layers: Vec<Arc<dyn Layer>>, map_cache_bytes: usize) -> Chain {
         let size = layers.first().map_or(0, |l| l.virtual_size());
         let found = vec![None; layers.len()];
-        Chain { layers, found, size, cache: ByteCache::sharded(map_cache_bytes, MAP_SHARDS) }
+        Chain { layers, excluded: None, found, size, cache: ByteCache::sharded(map_cache_bytes, MAP_SHARDS) }
     }
 
     pub fn size(&self) -> u64 {
@@ -79,6 +102,10 @@ impl Chain {
     }
     pub fn depth(&self) -> usize {
         self.layers.len()
+    }
+    /// The top left out by [`Chain::open_below`], if any.
+    pub fn excluded_top(&self) -> Option<&Arc<dyn Layer>> {
+        self.excluded.as_ref()
     }
     /// Number of map blocks currently cached (for tests and statistics).
     pub fn cached_blocks(&self) -> usize {

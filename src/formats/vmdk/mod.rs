@@ -37,12 +37,14 @@ mod descriptor;
 mod extent;
 mod grains;
 mod hosted;
+mod link;
 mod sesparse;
 mod stream;
 
 use std::sync::Arc;
 
 pub use descriptor::{Descriptor, ExtentLine, ExtentType};
+pub use link::open_link_only;
 
 use descriptor::{Access, CreateType, MAX_DESCRIPTOR};
 use extent::{Body, Extent, ExtentFiles, SparseHeader};
