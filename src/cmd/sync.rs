@@ -32,7 +32,7 @@ pub fn run(a: &SyncArgs) -> Result<()> {
     let (held, target) = (plan.held().describe(), a.target.display());
     let r = plan.apply(&bar)?;
     if r.written + r.zeroed == 0 {
-        eprintln!("{target} already holds {}: nothing to write (state {})", r.top.describe(), r.state.display());
+        eprintln!("nothing to write: {target} holds {} (state {})", r.top.describe(), r.state.display());
         return Ok(());
     }
     let secs = r.elapsed.as_secs_f64().max(1e-9);

@@ -200,7 +200,9 @@ impl<'a> SyncPlan<'a> {
         let started = Instant::now();
         let records = state::records(self.disk.chain());
         let top = records[0].clone();
-        if self.plan.is_empty() && self.state.pending.is_none() {
+        // Nothing new: the held top is the top. (New layers that decide nothing still become
+        // the state's top below.)
+        if self.held_depth == 0 && self.state.pending.is_none() {
             return Ok(SyncReport { written: 0, zeroed: 0, elapsed: started.elapsed(), top, state: self.state_path });
         }
         self.state.pending = Some(Pending { toward: records.clone(), started_unix: state::now_unix() });

@@ -69,7 +69,11 @@ impl Plan {
             } else {
                 lb.zero += e.len
             }
-            ranges.push(PlannedRange { start: e.start, length: e.len, depth, data });
+            // One range per run of one layer and kind, wherever the layer stores it.
+            match ranges.last_mut() {
+                Some(r) if r.depth == depth && r.data == data && r.start + r.length == e.start => r.length += e.len,
+                _ => ranges.push(PlannedRange { start: e.start, length: e.len, depth, data }),
+            }
         }
         let mut jobs = Vec::new();
         // Adjacent ranges of one kind become one run of jobs, whichever layers decide them.
