@@ -8,6 +8,7 @@ mod corpus;
 mod layering;
 mod overlay;
 mod robust;
+mod sync;
 mod vhd;
 mod vhd_bad;
 mod vhdx;
