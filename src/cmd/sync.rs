@@ -94,7 +94,7 @@ fn dry_run_text(a: &SyncArgs, disk: &Disk, plan: &SyncPlan, rate: Option<ReadRat
                 human(MEASURE_BYTES),
                 r.took.as_secs_f64()
             );
-            println!("estimated:     {:.1} s to copy the data at that rate", estimate(data, rate));
+            println!("estimated:     {:.2} s to copy the data at that rate", estimate(data, rate));
         }
         None => println!("read rate:     not measured (no data to read)"),
     }

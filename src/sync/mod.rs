@@ -5,7 +5,7 @@
 //! this order, that the state belongs to this target (the same file or device), that the disk
 //! has its recorded virtual size, that nothing changed the target since (a fingerprint of its
 //! size and its first and last MiB) and that the chain still contains the recorded top with
-//! the recorded layers below it. Any other move is refused with one line saying why: applying
+//! the recorded layers below it, unwritten since (identities; size and mtime of VHD files). Any other move is refused with one line saying why: applying
 //! a delta to the wrong disk, or twice, corrupts the VM silently.
 //!
 //! Then it records that a sync toward the new top is in progress, writes the ranges the plan
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use plan::{LayerBytes, MEASURE_BYTES, Plan, PlannedRange, ReadRate, measure_read_rate};
-pub use state::{LayerRecord, Pending, State, TargetRecord, default_path, identity_key};
+pub use state::{FileStamp, LayerRecord, Pending, State, TargetRecord, default_path, identity_key};
 
 use crate::disk::Disk;
 use crate::error::{Error, ErrorKind, Kind, Result};
@@ -61,6 +61,10 @@ pub enum SyncError {
         "the target's recorded top {top} has no identity (an XVA disk or a VMDK without CID): sync cannot tell which layers are new"
     )]
     NoIdentity { top: String },
+    #[error(
+        "{layer} was written since the target took it (its size or modification time changed: a coalesce, or a VM started on it): export again"
+    )]
+    LayerChanged { layer: String },
     #[error("the state records no layers")]
     NoLayers,
     #[error(
@@ -256,6 +260,9 @@ fn held_depth(disk: &Disk, state: &State) -> std::result::Result<usize, SyncErro
         if have.is_none_or(|h| h.identity != want.identity) {
             let have = have.map_or("the end of the chain".into(), |h| h.describe());
             return Err(SyncError::BelowDiffers { top: top.describe(), have, want: want.describe() });
+        }
+        if want.stamp.is_some() && have.is_some_and(|h| h.stamp != want.stamp) {
+            return Err(SyncError::LayerChanged { layer: want.describe() });
         }
     }
     if below.len() > state.layers.len() {

@@ -86,14 +86,35 @@ pub struct LayerRecord {
     pub format: String,
     /// Where the layer was read from (for messages).
     pub path: String,
+    /// Size and modification time of a VHD file (see [`FileStamp`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stamp: Option<FileStamp>,
+}
+
+/// What tells a written VHD file apart. A VHDX gets a new DataWriteGuid and a VMDK a new CID
+/// when they are written, but a VHD keeps its UUID: XenServer's coalesce writes a snapshot's
+/// blocks into its parent in place, and a VM started again writes its leaf. So a VHD layer the
+/// target holds must also keep its size and modification time. (A VHD on a block device, as
+/// on LVM storage, has none that change: there the UUID is all there is.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub size: u64,
+    pub mtime_ns: i64,
 }
 
 impl LayerRecord {
     pub fn of(layer: &dyn Layer) -> LayerRecord {
+        let format = layer.describe().map(|d| d.format.to_string()).unwrap_or_default();
+        let is_file = layer.location().as_path().and_then(|p| std::fs::metadata(p).ok()).is_some_and(|m| m.is_file());
+        let stamp = (format == "vhd" && is_file)
+            .then(|| layer.sources().first().and_then(|s| s.id()))
+            .flatten()
+            .map(|id| FileStamp { size: id.size, mtime_ns: id.mtime_ns as i64 });
         LayerRecord {
             identity: layer.identity().first().map(identity_key),
-            format: layer.describe().map(|d| d.format.to_string()).unwrap_or_default(),
+            format,
             path: layer.location().to_string(),
+            stamp,
         }
     }
 
@@ -268,7 +289,9 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let p = t.path().join("s.json");
         let tr = TargetRecord { path: "/x".into(), kind: "file".into(), dev: Some(1), ino: Some(2), rdev: None };
-        let l = LayerRecord { identity: Some("vhd-uuid:abc".into()), format: "vhd".into(), path: "/a.vhd".into() };
+        let stamp = Some(FileStamp { size: 1, mtime_ns: -5 });
+        let l =
+            LayerRecord { identity: Some("vhd-uuid:abc".into()), format: "vhd".into(), path: "/a.vhd".into(), stamp };
         let st = State::new(tr.clone(), 4096, vec![l], "f".into());
         st.save(&p).unwrap();
         assert_eq!(State::load(&p).unwrap().unwrap(), st);

@@ -93,6 +93,14 @@ fn sync_refuses_wrong_moves_with_one_line_and_touches_nothing() {
     let out = dest.ok("sync", &[], &s3);
     assert!(out.contains("nothing to write") && out.contains("s3.vhd"), "{out}");
     assert_eq!(dest.state()["layers"].as_array().unwrap().len(), 4);
+    // The VM started again on XenServer and wrote its leaf: a VHD keeps its UUID when written,
+    // its size and modification time tell.
+    let f = std::fs::read(&s3).unwrap();
+    let uuid: [u8; 16] = f[f.len() - 512 + 68..f.len() - 512 + 84].try_into().unwrap();
+    let mut b = VhdBuilder::differencing(&s2).unwrap().dialect(Dialect::Xen).uuid(uuid);
+    b.write(7 * MIB, &pattern(7, MIB as usize));
+    b.build(&s3).unwrap();
+    run(sync(&s3, &[]), &st, &["s3.vhd", "was written since", "export again"]);
     // A block device needs --state.
     if have("losetup") {
         let dev = Dest::device(d, SIZE);
