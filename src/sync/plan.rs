@@ -6,6 +6,8 @@
 //! ZERO/UNMAPPED blocks, VMDK zero grains, SESparse unmapped and zero grains, a ZERO extent) are
 //! written as zeros too, because they mask older data the target holds. Ranges no layer
 //! allocates are decided below every layer (`Zero { depth == layers }`), so they are never new.
+//! The walk never asks the layers the target holds ([`Chain::walk_above`]): their tables are not
+//! read, which matters when they are large or remote.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -56,7 +58,7 @@ impl Plan {
             .map(|(depth, l)| LayerBytes { depth, path: l.location().to_string(), data: 0, zero: 0 })
             .collect();
         let mut ranges: Vec<PlannedRange> = Vec::new();
-        for e in chain.walk(0) {
+        for e in chain.walk_above(0, held) {
             let e: Extent = e?;
             let depth = e.depth();
             if depth >= held {
