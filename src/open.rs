@@ -7,9 +7,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::chain::{Chain, Limits, Link, ParentResolver};
+use crate::chain::{Chain, ChainError, Limits, Link, ParentResolver};
 use crate::disk::Disk;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::formats::{self, FormatContext, Opened, xva};
 use crate::gate::{Candidate, Gate, Lookup, Policy};
 use crate::layer::{Layer, ParentRef};
@@ -69,7 +69,10 @@ fn open_image(
     let mtime = id.map_or(SystemTime::UNIX_EPOCH, mtime_of);
     let ctx = FormatContext { gate: &gate, xva: &opts.xva, progress };
     if opts.exclude_top {
-        let top = Link { layer: formats::open_parent_link(src, &ctx)?, id, found: None };
+        let loc = src.location().clone();
+        let layer =
+            formats::open_parent_link(src, &ctx)?.ok_or_else(|| Error::from(ChainError::NothingBelow).in_file(&loc))?;
+        let top = Link { layer, id, found: None };
         let chain = Chain::open_below(top, &Resolver { ctx }, opts.limits, opts.map_cache_bytes)?;
         return Ok(vec![(formats::raw_name(&img.file_name()), chain, mtime)]);
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::descriptor::{self, Descriptor, MAX_DESCRIPTOR};
 use super::{extent, hosted};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Kind, Result};
 use crate::gate::Gate;
 use crate::layer::{Hint, Identity, Layer, LayerInfo, ParentInfo, ParentRef, Span};
 use crate::source::{Location, Source};
@@ -53,10 +53,22 @@ pub fn open_link_only(src: Arc<dyn Source>, gate: &Gate) -> Result<Arc<dyn Layer
     Ok(Arc::new(LinkOnly { src, desc, size, parent }))
 }
 
+/// Why a descriptor-only layer serves no read.
+#[derive(Debug, thiserror::Error)]
+enum LinkOnlyError {
+    #[error("only the descriptor of this image was read (--exclude-top); its extents are not opened")]
+    NotOpened,
+}
+
+impl ErrorKind for LinkOnlyError {
+    fn kind(&self) -> Kind {
+        Kind::Unsupported
+    }
+}
+
 impl LinkOnly {
     fn not_opened(&self) -> Error {
-        Error::unsupported("only the descriptor of this image was read (--exclude-top); its extents are not opened")
-            .in_file(self.src.location())
+        Error::from(LinkOnlyError::NotOpened).in_file(self.src.location())
     }
 }
 
