@@ -8,6 +8,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+use testkit::vmdk::{DeltaBuilder, write_flat};
+
 use crate::common::sshd::Sshd;
 use crate::common::*;
 
@@ -140,6 +142,16 @@ fn discovers_the_top_of_each_esxi_disk() {
             url(&sshd, &p)
         })
         .collect();
+    // scsi0:0 is a real chain (flat base, two SESparse snapshots): the line the helper prints
+    // is an IMAGE vdiskfs reads over ssh, the same bytes as qemu-img's reading of the chain.
+    let vmdir = root.join("volumes/ds1/web");
+    let (base, _) = write_flat(&vmdir, "web", &pattern(31, 6 << 20), "vmfs").unwrap();
+    let mut s1 = DeltaBuilder::sesparse(&base).unwrap();
+    s1.write(4096, &pattern(32, 1 << 20));
+    let snap1 = s1.build(&vmdir, "web-000001").unwrap();
+    let mut s2 = DeltaBuilder::sesparse(&snap1).unwrap();
+    s2.write(3 << 20, &pattern(33, 8192));
+    let top = s2.build(&vmdir, "web-000002").unwrap();
     let o = discover(&sshd, "esxi", "web");
     // Device order: nvme0 < scsi0 (sorted by controller name, then number).
     let mut want_sorted = want.clone();
@@ -149,6 +161,16 @@ fn discovers_the_top_of_each_esxi_disk() {
     assert!(err.contains("--exclude-top"), "a running VM gets the note: {err}");
     assert!(err.contains("2 snapshot(s): snap1, snap2 (current)"), "{err}");
     assert!(err.contains("nvme0:0 is in no snapshot"), "{err}");
+    if fuse_ok() {
+        let cache = t.path().join("cache");
+        let cmd = sshd.ssh_command();
+        let m = mount(&[os("--ssh-command"), os(&cmd), os("--cache-dir"), cache.as_os_str(), os(&lines(&o)[1])]);
+        assert_same(
+            "the discovered image over ssh",
+            &std::fs::read(m.file("web-000002.raw")).unwrap(),
+            &qemu_raw(&top, "vmdk"),
+        );
+    }
     // The decoy's name is a prefix of the VM's; the VM with a space in its name is found by
     // its whole name only.
     let o = discover(&sshd, "esxi", "web-old");
