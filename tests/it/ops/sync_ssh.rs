@@ -66,6 +66,10 @@ fn sync_over_ssh_fetches_only_the_newer_layers() {
     let last = step(&sshd, &["sync"], &sshd.url(&vm.top()), &target);
     assert_same("cutover over ssh", &std::fs::read(&target).unwrap(), &vm.oracle(&vm.top()).0);
     let top_files = layer_len(&vm.top());
+    eprintln!(
+        "sync over ssh: export fetched {first} bytes; sync {second} (new layer files {layer_files}, \
+         data {new}); cutover {last} (last layer files {top_files}, data 4096)"
+    );
     assert!(last <= top_files + MIB, "the cutover fetched only the last delta ({top_files} bytes of files): {last}");
     assert!(last * 4 < first, "the cutover fetched much less than the export: {last} vs {first} bytes");
 }
