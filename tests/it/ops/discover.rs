@@ -255,7 +255,13 @@ fn xen_fixture(fake: &Path) -> (Vec<XenVbd>, Vec<(&'static str, &'static str)>) 
         ]),
     )
     .unwrap();
-    // SRs: a file SR (ext) and an LVM-over-iSCSI SR; the LVM disk has two VHD parents.
+    let srs = xen_storage(fake);
+    (vbds, srs.to_vec())
+}
+
+/// The SRs (a file SR and an LVM-over-iSCSI SR; the LVM disk has two VHD parents), the VDIs,
+/// and the fake `xe` that prints them.
+fn xen_storage(fake: &Path) -> [(&'static str, &'static str); 2] {
     let srs = [("93a3cf4c-0061-0dc9-2a70-dc1a42b2b1a1", "ext"), ("5b5b0000-aaaa-4bbb-8ccc-dddddddddddd", "lvmoiscsi")];
     for (sr, kind) in srs {
         std::fs::write(fake.join(format!("sr-{sr}")), xe_record(&[("uuid", "RO", sr), ("type", "RO", kind)])).unwrap();
@@ -296,7 +302,7 @@ fn xen_fixture(fake: &Path) -> (Vec<XenVbd>, Vec<(&'static str, &'static str)>) 
             fake.display()
         ),
     );
-    (vbds, srs.to_vec())
+    srs
 }
 
 fn discovers_the_top_of_each_xenserver_disk() {
