@@ -49,8 +49,8 @@ impl Site<'_> {
         p
     }
 
-    /// Runs the playbook; the recap's counts per host.
-    fn play(&self, inv: &Path, cutover: bool) -> BTreeMap<String, BTreeMap<String, u64>> {
+    /// Runs the playbook; the recap's counts per host, and the output.
+    fn play(&self, inv: &Path, cutover: bool) -> (BTreeMap<String, BTreeMap<String, u64>>, String) {
         let cfg = self.t.join("ansible.cfg");
         std::fs::write(
             &cfg,
@@ -75,7 +75,7 @@ impl Site<'_> {
             .expect("run ansible-playbook");
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
         assert!(o.status.success(), "ansible-playbook failed:\n{out}\n{}", stderr(&o));
-        recap(&out)
+        (recap(&out), out)
     }
 }
 
@@ -94,6 +94,22 @@ fn recap(out: &str) -> BTreeMap<String, BTreeMap<String, u64>> {
     }
     assert_eq!(m.len(), 2, "two hosts in the recap:\n{out}");
     m
+}
+
+/// The hosts a task changed: the `changed: [host]` lines of its section of the output.
+fn changed_by(out: &str, task: &str) -> Vec<String> {
+    let start = out.find(&format!("TASK [{task}")).unwrap_or_else(|| panic!("no task {task} in:\n{out}"));
+    let section = &out[start..];
+    let section = &section
+        [..section[1..].find("TASK [").map(|i| i + 1).or_else(|| section.find("PLAY RECAP")).unwrap_or(section.len())];
+    let mut hosts: Vec<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("changed: ["))
+        .map(|l| l.split(']').next().unwrap().to_string())
+        .collect();
+    hosts.sort();
+    hosts.dedup();
+    hosts
 }
 
 fn changed(r: &BTreeMap<String, BTreeMap<String, u64>>) -> Vec<(String, u64)> {
@@ -131,12 +147,14 @@ fn playbook_exports_syncs_and_cuts_over_on_two_hosts_and_reruns_change_nothing()
     };
 
     // Warm: the base (everything below the running top).
-    let r = site.play(&inv(&vms), false);
-    assert!(r.values().all(|c| c["changed"] > 0 && c["failed"] == 0), "the export ran: {r:?}");
+    let both = vec!["localhost".to_string(), "sshd".to_string()];
+    let (r, out) = site.play(&inv(&vms), false);
+    assert!(r.values().all(|c| c["failed"] == 0), "{r:?}");
+    assert_eq!(changed_by(&out, "export"), both, "the export ran on both hosts:\n{out}");
     for (vm, tg) in &vms {
         assert_target("export --exclude-top", tg, vm, &vm.frozen());
     }
-    let r = site.play(&inv(&vms), false);
+    let (r, _) = site.play(&inv(&vms), false);
     assert!(changed(&r).iter().all(|(_, n)| *n == 0), "a rerun changes nothing: {r:?}");
 
     // A snapshot and more writes: the sync brings the newer frozen layer.
@@ -145,8 +163,9 @@ fn playbook_exports_syncs_and_cuts_over_on_two_hosts_and_reruns_change_nothing()
         vm.snapshot();
         vm.write(2 * MIB, &pattern(70 + i as u64, 4096));
     }
-    let r = site.play(&inv(&vms), false);
-    assert!(r.values().all(|c| c["changed"] > 0), "the sync ran: {r:?}");
+    let (_, out) = site.play(&inv(&vms), false);
+    assert_eq!(changed_by(&out, "sync - the newer"), both, "the sync ran:\n{out}");
+    assert!(changed_by(&out, "export").is_empty() && changed_by(&out, "cutover").is_empty(), "{out}");
     for (vm, tg) in &vms {
         assert_target("sync --exclude-top", tg, vm, &vm.frozen());
     }
@@ -155,12 +174,13 @@ fn playbook_exports_syncs_and_cuts_over_on_two_hosts_and_reruns_change_nothing()
     for (vm, _) in vms.iter_mut() {
         vm.stop();
     }
-    let r = site.play(&inv(&vms), true);
-    assert!(r.values().all(|c| c["changed"] > 0), "the cutover ran: {r:?}");
+    let (_, out) = site.play(&inv(&vms), true);
+    assert_eq!(changed_by(&out, "cutover"), both, "the cutover ran:\n{out}");
+    assert!(changed_by(&out, "sync - the newer").is_empty(), "{out}");
     for (vm, tg) in &vms {
         assert_target("cutover", tg, vm, &vm.top());
     }
-    let r = site.play(&inv(&vms), true);
+    let (r, _) = site.play(&inv(&vms), true);
     assert!(changed(&r).iter().all(|(_, n)| *n == 0), "a rerun after the cutover changes nothing: {r:?}");
     for (n, (vm, _)) in names.iter().zip(&vms) {
         let rep: serde_json::Value =
