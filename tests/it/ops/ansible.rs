@@ -1,8 +1,8 @@
 //! The Ansible playbook mount-helpers/ansible/warm-migration.yml on two conversion hosts (this
-//! machine over the local connection, and the test sshd), one ESXi-style VM each: export while
-//! the VMs run, a sync after a snapshot, the cutover after they stop. Each target is compared
-//! with qemu-img's reading of the chain it should hold, and a rerun with nothing new changes
-//! nothing (changed=0 in the recap).
+//! machine over the local connection, and the test sshd) with three ESXi-style VMs (two on one
+//! host, one on the other): export while the VMs run, a sync after a snapshot, the cutover after
+//! they stop. Each target is compared with qemu-img's reading of the chain it should hold, and a
+//! rerun with nothing new changes nothing (changed=0 in the recap).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -20,9 +20,17 @@ struct Site<'a> {
 }
 
 impl Site<'_> {
+    /// The inventory: the VMs with an even index on this machine, the others on the sshd host.
     fn inventory(&self, vms: &[(&str, &Esxi, &Path)]) -> std::path::PathBuf {
-        let entry =
-            |(name, vm, target): &(&str, &Esxi, &Path)| json!([{"name": name, "image": vm.top(), "target": target}]);
+        let entry = |host: usize| {
+            let v: Vec<_> = vms
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % 2 == host)
+                .map(|(_, (name, vm, target))| json!({"name": name, "image": vm.top(), "target": target}))
+                .collect();
+            json!(v)
+        };
         let d = self.sshd.dir().display().to_string();
         let inv = json!({"all": {
             "vars": {
@@ -31,7 +39,7 @@ impl Site<'_> {
                 "ansible_python_interpreter": "/usr/bin/python3",
             },
             "hosts": {
-                "localhost": {"ansible_connection": "local", "vdiskfs_vms": entry(&vms[0])},
+                "localhost": {"ansible_connection": "local", "vdiskfs_vms": entry(0)},
                 "sshd": {
                     "ansible_host": "127.0.0.1",
                     "ansible_port": self.sshd.port,
@@ -40,7 +48,7 @@ impl Site<'_> {
                     "ansible_ssh_common_args": format!(
                         "-F /dev/null -o UserKnownHostsFile={d}/known_hosts -o StrictHostKeyChecking=yes -o IdentitiesOnly=yes"
                     ),
-                    "vdiskfs_vms": entry(&vms[1]),
+                    "vdiskfs_vms": entry(1),
                 },
             },
         }});
@@ -129,7 +137,7 @@ fn playbook_exports_syncs_and_cuts_over_on_two_hosts_and_reruns_change_nothing()
     let t = tmpdir();
     let site = Site { t: t.path(), sshd: &sshd };
     let mut vms = Vec::new();
-    for (i, seed) in [(0, 40u64), (1, 50u64)] {
+    for (i, seed) in [(0, 40u64), (1, 50u64), (2, 100u64)] {
         let dir = t.path().join(format!("vm{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut base = pattern(seed, (32 * MIB) as usize);
@@ -140,7 +148,7 @@ fn playbook_exports_syncs_and_cuts_over_on_two_hosts_and_reruns_change_nothing()
         vm.write(8 * MIB, &pattern(seed + 2, (MIB) as usize));
         vms.push((vm, dir.join("vm.raw")));
     }
-    let names = ["web", "db"];
+    let names = ["web", "db", "mail"];
     let inv = |vms: &Vec<(Esxi, std::path::PathBuf)>| {
         let v: Vec<(&str, &Esxi, &Path)> = vms.iter().zip(names).map(|((vm, tg), n)| (n, vm, tg.as_path())).collect();
         site.inventory(&v)
