@@ -200,7 +200,10 @@ struct XenVbd {
     vdi: &'static str,
 }
 
-fn xen_fixture(fake: &Path) -> (Vec<XenVbd>, Vec<(&'static str, &'static str)>) {
+/// (VDI, SR, sm-config) of each VDI.
+type XenVdi = (&'static str, &'static str, &'static str);
+
+fn xen_fixture(fake: &Path) -> (Vec<XenVbd>, Vec<(&'static str, &'static str)>, Vec<XenVdi>) {
     let vm = "4b8d335e-a149-c3c5-83bc-490f38af72ce";
     let decoy = "9c0ffee0-0000-4000-8000-000000000001";
     let vms = [
@@ -223,6 +226,13 @@ fn xen_fixture(fake: &Path) -> (Vec<XenVbd>, Vec<(&'static str, &'static str)>) 
             vdi: "77aa0000-1111-4222-8333-444455556666",
         },
         XenVbd { userdevice: "3", device: "xvdd", kind: "CD", empty: true, vdi: "<not in database>" },
+        XenVbd {
+            userdevice: "2",
+            device: "xvdc",
+            kind: "Disk",
+            empty: false,
+            vdi: "33dd0000-1111-4222-8333-444455556666",
+        },
         XenVbd {
             userdevice: "0",
             device: "xvda",
@@ -255,18 +265,18 @@ fn xen_fixture(fake: &Path) -> (Vec<XenVbd>, Vec<(&'static str, &'static str)>) 
         ]),
     )
     .unwrap();
-    let srs = xen_storage(fake);
-    (vbds, srs.to_vec())
+    let (srs, vdis) = xen_storage(fake);
+    (vbds, srs.to_vec(), vdis)
 }
 
 /// The SRs (a file SR and an LVM-over-iSCSI SR; the LVM disk has two VHD parents), the VDIs,
 /// and the fake `xe` that prints them.
-fn xen_storage(fake: &Path) -> [(&'static str, &'static str); 2] {
+fn xen_storage(fake: &Path) -> ([(&'static str, &'static str); 2], Vec<XenVdi>) {
     let srs = [("93a3cf4c-0061-0dc9-2a70-dc1a42b2b1a1", "ext"), ("5b5b0000-aaaa-4bbb-8ccc-dddddddddddd", "lvmoiscsi")];
     for (sr, kind) in srs {
         std::fs::write(fake.join(format!("sr-{sr}")), xe_record(&[("uuid", "RO", sr), ("type", "RO", kind)])).unwrap();
     }
-    let vdis = [
+    let vdis = vec![
         (
             "e2a27957-40f1-4ed3-a145-99c9c2aba4c9",
             srs[0].0,
@@ -284,8 +294,9 @@ fn xen_storage(fake: &Path) -> [(&'static str, &'static str); 2] {
             "vhd-parent: 55cc0000-1111-4222-8333-444455556666; vdi_type: vhd",
         ),
         ("55cc0000-1111-4222-8333-444455556666", srs[1].0, "vdi_type: vhd"),
+        ("33dd0000-1111-4222-8333-444455556666", srs[1].0, "vdi_type: raw"),
     ];
-    for (vdi, sr, sm) in vdis {
+    for &(vdi, sr, sm) in &vdis {
         std::fs::write(
             fake.join(format!("vdi-{vdi}")),
             xe_record(&[("uuid", "RO", vdi), ("sr-uuid", "RO", sr), ("sm-config", "MRO", sm)]),
@@ -302,31 +313,37 @@ fn xen_storage(fake: &Path) -> [(&'static str, &'static str); 2] {
             fake.display()
         ),
     );
-    srs
+    (srs, vdis)
 }
 
 fn discovers_the_top_of_each_xenserver_disk() {
     let t = tmpdir();
     let fake = t.path().join("bin");
     std::fs::create_dir_all(&fake).unwrap();
-    let (mut vbds, srs) = xen_fixture(&fake);
+    let (mut vbds, srs, vdis) = xen_fixture(&fake);
     let sshd = sshd_with_fakes(&fake);
     vbds.retain(|b| b.kind == "Disk" && !b.empty);
     vbds.sort_by_key(|b| b.userdevice.parse::<u32>().unwrap());
-    let sr_of = |vdi: &str| if vdi.starts_with("e2a2") { srs[0] } else { srs[1] };
+    // A file SR holds <vdi>.vhd; an LVM SR VHD-<vdi>, or LV-<vdi> for a raw VDI.
     let want: Vec<String> = vbds
         .iter()
-        .map(|b| match sr_of(b.vdi) {
-            (sr, "ext") => url(&sshd, &format!("/var/run/sr-mount/{sr}/{}.vhd", b.vdi)),
-            (sr, _) => url(&sshd, &format!("/dev/VG_XenStorage-{sr}/VHD-{}", b.vdi)),
+        .map(|b| {
+            let &(vdi, sr, sm) = vdis.iter().find(|v| v.0 == b.vdi).unwrap();
+            match srs.iter().find(|s| s.0 == sr).unwrap().1 {
+                "ext" => url(&sshd, &format!("/var/run/sr-mount/{sr}/{vdi}.vhd")),
+                _ if sm.contains("vdi_type: raw") => {
+                    format!("raw:{}", url(&sshd, &format!("/dev/VG_XenStorage-{sr}/LV-{vdi}")))
+                }
+                _ => url(&sshd, &format!("/dev/VG_XenStorage-{sr}/VHD-{vdi}")),
+            }
         })
         .collect();
     let o = discover(&sshd, "xen", "CentOS 7");
     assert_eq!(lines(&o), want, "stderr: {}", stderr(&o));
     let err = stderr(&o);
     let vg = format!("/dev/VG_XenStorage-{}", srs[1].0);
-    for v in ["77aa0000", "66bb0000", "55cc0000"] {
-        assert!(err.contains(&format!("{vg}/VHD-{v}-1111-4222-8333-444455556666")), "LVs to activate: {err}");
+    for v in ["VHD-77aa0000", "VHD-66bb0000", "VHD-55cc0000", "LV-33dd0000"] {
+        assert!(err.contains(&format!("{vg}/{v}-1111-4222-8333-444455556666")), "LVs to activate: {err}");
     }
     assert!(err.contains("lvchange -ay") && err.contains("--exclude-top"), "{err}");
     let o = discover(&sshd, "xen", "CentOS 7 copy");
