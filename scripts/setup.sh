@@ -52,11 +52,13 @@ apt-get update -q
 # Tools the tests run, and the independent readers they compare with. openssh-server: the
 # remote tests start their own sshd on 127.0.0.1 (the system's own sshd service is not used);
 # gdisk and parted read composed disks' partition tables; debootstrap builds the guests of the
-# manual boot scripts.
+# manual boot scripts; ansible runs mount-helpers/ansible in its test; systemd provides
+# systemd-analyze, which verifies the vdiskfs@.service unit.
 apt-get install -y -q --no-install-recommends \
   fuse3 kpartx fdisk e2fsprogs util-linux mount xz-utils gzip zstd xxhash tar \
   libvhdi-utils libvmdk-utils qemu-utils xva-img python3-pip \
-  fio bc openssh-server openssh-client openssh-sftp-server gdisk parted debootstrap
+  fio bc openssh-server openssh-client openssh-sftp-server gdisk parted debootstrap \
+  ansible systemd
 
 # guestfish (libguestfs, a TCG appliance) for the overlay tests. Its qemu-system must match
 # qemu-utils: take it from backports when qemu-utils came from there. grub-pc-bin (GRUB's BIOS

@@ -8,6 +8,7 @@ mod compose;
 mod compose_write;
 mod corpus;
 mod layering;
+mod ops;
 mod overlay;
 mod robust;
 mod ssh;
