@@ -6,10 +6,11 @@
 //! - **confinement**: a relative name must stay, lexically, inside the directory of the image
 //!   that names it or a `--parent-dir`; an absolute one is not followed unless the user says
 //!   `--trust-locators`. A bare file name is also looked for in those directories, in order.
-//! - **symlinks**: a name that is a symlink is followed only when its final target passes the
-//!   same confinement (checked on the canonical paths). One exception keeps XenServer LVM
-//!   storage working: `/dev/VG_XenStorage-*/VHD-*` names are symlinks to `/dev/dm-*`, so a
-//!   symlink to a device-mapper node is accepted where block devices are.
+//! - **symlinks**: a name that is a symlink, or that leads through one (`sub/base.vhd` with
+//!   `sub` a link), is followed only when its final target passes the same confinement
+//!   (checked on the canonical paths). One exception keeps XenServer LVM storage working:
+//!   `/dev/VG_XenStorage-*/VHD-*` names are symlinks to `/dev/dm-*`, so a symlink to a
+//!   device-mapper node is accepted where block devices are.
 //! - **file type**: only regular files, and block devices where the chain's own top is a block
 //!   device or the user passed `--allow-devices`; checked before anything is read and without
 //!   blocking (see [`LocalSource::open`]).
@@ -19,10 +20,11 @@
 //! else placed in that directory.
 //!
 //! Names on an ssh host pass the same three checks on that host: confinement is lexical on the
-//! remote path (a parent or extent resolves on the image's own host, never another); a symlink
-//! is followed only when the host's `realpath` of it lies inside the image's directory or a
-//! remote `--parent-dir` (each also resolved by the host), or is a `/dev/dm-N` node where block
-//! devices are allowed; the file type comes from the host's `stat` before anything is opened.
+//! remote path (a parent or extent resolves on the image's own host, never another); a name
+//! leading through a symlink is followed only when the host's `realpath` of it lies inside the
+//! image's directory or a remote `--parent-dir` (each also resolved by the host), or is a
+//! `/dev/dm-N` node where block devices are allowed; the file type comes from the host's `stat`
+//! before anything is opened.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -207,10 +209,16 @@ impl Gate {
     pub fn open_named(&self, c: &Candidate, base_dir: &Location) -> Result<Option<Arc<dyn Source>>> {
         match &c.loc {
             Location::Local(p) => {
-                let Ok(lmd) = std::fs::symlink_metadata(p) else { return Ok(None) };
-                if lmd.file_type().is_symlink() && !self.policy.trust_locators {
+                if std::fs::symlink_metadata(p).is_err() {
+                    return Ok(None);
+                }
+                if !self.policy.trust_locators {
+                    // Any symlink on the way counts, not only the last name: `sub/base.vhd`
+                    // with `sub` a link to `/etc` must not pass as "inside the directory".
                     let Ok(target) = std::fs::canonicalize(p) else { return Ok(None) };
-                    self.check_symlink(p, &target, base_dir).map_err(|e| e.in_file(&c.loc))?;
+                    if normalize(p).is_none_or(|lexical| lexical != target) {
+                        self.check_symlink(p, &target, base_dir).map_err(|e| e.in_file(&c.loc))?;
+                    }
                 }
                 Ok(Some(Arc::new(LocalSource::open(p, self.accept())?)))
             }
@@ -226,14 +234,19 @@ impl Gate {
     fn open_remote(&self, p: &SshPath, base_dir: &Location) -> Result<Option<Arc<dyn Source>>> {
         let loc = Location::Ssh(p.clone());
         let r = self.remotes(&loc)?;
-        let Some(st) = r.lstat(p)? else { return Ok(None) };
-        if st.kind == RemoteKind::Symlink && !self.policy.trust_locators {
+        if r.lstat(p)?.is_none() {
+            return Ok(None);
+        }
+        if !self.policy.trust_locators {
+            // As locally: a symlink anywhere on the way, not only the last name.
             let target = match r.realpath(p) {
                 Ok(t) => t,
                 Err(e) if e.kind() == Kind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
-            self.check_remote_symlink(r, &target, base_dir).map_err(|e| e.in_file(&loc))?;
+            if normalize_remote(&p.path).is_none_or(|lexical| lexical != target.path) {
+                self.check_remote_symlink(r, &target, base_dir).map_err(|e| e.in_file(&loc))?;
+            }
         }
         Ok(Some(r.open(p, self.accept())?))
     }
@@ -389,6 +402,12 @@ mod tests {
         let e = open("outside.vhd").unwrap_err();
         assert!(e.to_string().contains("symbolic link") && e.kind() == Kind::Denied, "{e}");
         assert!(open("missing.vhd").unwrap().is_none());
+        // A directory on the way that is a symlink out of the confinement counts as well.
+        std::os::unix::fs::symlink(t.path(), dir.join("sub")).unwrap();
+        let e = open("sub/secret").unwrap_err();
+        assert!(e.to_string().contains("symbolic link") && e.kind() == Kind::Denied, "{e}");
+        std::os::unix::fs::symlink(&dir, dir.join("here")).unwrap();
+        assert!(open("here/real.vhd").unwrap().is_some(), "a link that stays inside is fine");
     }
 
     #[test]
