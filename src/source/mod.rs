@@ -57,8 +57,10 @@ impl ErrorKind for SourceError {
                 io::ErrorKind::PermissionDenied => Kind::Denied,
                 _ => Kind::Io,
             },
-            SourceError::Directory | SourceError::Special(_) => Kind::Usage,
-            SourceError::DeviceNotAllowed => Kind::Denied,
+            SourceError::Directory => Kind::Usage,
+            // Refused by the type rule, like a block device where none may be: not a mistake
+            // on the command line when an image named it (exit 1, EACCES).
+            SourceError::Special(_) | SourceError::DeviceNotAllowed => Kind::Denied,
         }
     }
 }
