@@ -74,6 +74,12 @@ pub enum Error {
     FlatExtentShort { file_len: u64, descriptor: String, sectors: u64, start_sector: u64, need: u64 },
     #[error("sparse extent holds {capacity} sectors but {descriptor} declares {sectors}")]
     SparseExtentShort { capacity: u64, descriptor: String, sectors: u64 },
+    /// An extent found by its file name somewhere other than where the descriptor names it,
+    /// whose header's capacity is not exactly the line's: another disk's file of that name.
+    #[error(
+        "found {by}, and its header says {capacity} sectors where {descriptor} declares {sectors}: not this disk's extent"
+    )]
+    ExtentElsewhereMismatch { by: &'static str, capacity: u64, descriptor: String, sectors: u64 },
     #[error("{what} has bad magic {found:02x?}")]
     BadMagic { what: &'static str, found: Vec<u8> },
     #[error("this sparse extent is itself a descriptor of other extents (nested descriptors are not supported)")]
@@ -196,6 +202,7 @@ impl ErrorKind for Error {
         use Error::*;
         match self {
             ExtentRefused { .. } => Kind::Denied,
+            ExtentElsewhereMismatch { .. } => Kind::Mismatch,
             ExtentNotFound { .. } => Kind::NotFound,
             BareCowd { .. }
             | BareSeSparse { .. }
