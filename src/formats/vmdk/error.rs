@@ -137,6 +137,8 @@ pub enum Error {
     SeSparseZeroField,
     #[error("SESparse grain directory holds {entries} entries but {sectors} sectors need {needed}")]
     SeSparseDirectoryShort { entries: u64, sectors: u64, needed: u64 },
+    #[error("SESparse const header field {field} is {value:#x} sectors, beyond any file")]
+    SeSparseFieldTooLarge { field: &'static str, value: u64 },
     #[error("SESparse volatile header at {at:#x}, past the end of the file ({file_len:#x})")]
     VolatileHeaderPastEnd { at: u64, file_len: u64 },
     #[error(
@@ -149,6 +151,14 @@ pub enum Error {
     // The grain directory and grain tables.
     #[error("grain directory at {at:#x} ({entries} entries, {bytes} bytes), past the end of the file ({file_len:#x})")]
     DirectoryPastEnd { at: u64, entries: u64, bytes: u64, file_len: u64 },
+    #[error(
+        "grain directory of {entries} entries: vdiskfs reads at most {max} (a 64 TiB disk in 4 KiB grains with 512-entry tables)"
+    )]
+    DirectoryTooLarge { entries: u64, max: u64 },
+    #[error(
+        "grain tables overlap: the grain directory names more than {limit} bytes of tables in a file of {file_len} bytes"
+    )]
+    TablesOverlap { limit: u64, file_len: u64 },
     #[error("grain directory entry {table} is invalid ({value:#018x})")]
     BadDirectoryEntry { table: u64, value: u64 },
     #[error("grain directory entry {table} names grain table {slot}, but the table region holds {slots}")]
@@ -224,7 +234,8 @@ impl ErrorKind for Error {
             | SeSparseFlags(_)
             | SeSparseReserved
             | SeSparseJournal
-            | SeSparseVolatilePadding => Kind::Unsupported,
+            | SeSparseVolatilePadding
+            | DirectoryTooLarge { .. } => Kind::Unsupported,
             DescriptorTooLarge { .. }
             | EmbeddedDescriptorPastEnd { .. }
             | NoCreateType
@@ -250,6 +261,8 @@ impl ErrorKind for Error {
             | CowdDirectoryInHeader(_)
             | SeSparseZeroField
             | SeSparseDirectoryShort { .. }
+            | SeSparseFieldTooLarge { .. }
+            | TablesOverlap { .. }
             | VolatileHeaderPastEnd { .. }
             | DirectoryPastEnd { .. }
             | BadDirectoryEntry { .. }

@@ -280,8 +280,11 @@ impl<'a> ExtentFiles<'a> {
     }
 
     /// A sparse extent must hold at least as many sectors as its descriptor line claims, and
-    /// exactly as many when it was found by file name elsewhere.
+    /// exactly as many when it was found by file name elsewhere; never more than 64 TiB.
     fn check_capacity(&self, capacity: u64, line: &ExtentLine, elsewhere: Option<&FoundBy>) -> Result<(), Error> {
+        if capacity.checked_mul(SECTOR).is_none_or(|b| b > super::MAX_SIZE) {
+            return Err(Error::CapacityTooLarge(capacity));
+        }
         if let Some(by) = elsewhere
             && capacity != line.sectors
         {
