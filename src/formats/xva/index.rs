@@ -26,6 +26,12 @@ use crate::progress::Progress;
 use crate::source::{FileId, Source};
 
 const MAGIC: &[u8; 8] = b"VDXVAIX1";
+/// Members an index holds: each costs about 100 to 150 bytes (its name, offset, size and a
+/// checksum's text), and a tar header is 512 bytes that compress to almost nothing, so a few MB
+/// of gzip could otherwise claim gigabytes of index. 2^22 members are the chunks and checksums
+/// of 2 TiB of disk data in xapi's 1 MiB chunks (xapi's largest VDI on VHD-based storage), in at
+/// most about 600 MiB.
+pub const MAX_MEMBERS: usize = 1 << 22;
 /// Temporary names tried before giving up on writing the index.
 const TMP_ATTEMPTS: u32 = 8;
 
@@ -78,7 +84,7 @@ pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>, progr
         None => Recorder::memory(),
     };
     // The windows are read through the recorder's handle on the file, renamed or not.
-    let mut ix = build(src, codec, rec, progress)?;
+    let mut ix = build(src, codec, rec, progress, MAX_MEMBERS)?;
     if let (Some((tmp, f)), Some((dir, id, name))) = (tmp, place) {
         match save(&f, dir, &tmp, &name, &id, &ix) {
             Ok(()) => ix.cached = Some(dir.join(name)),
@@ -105,13 +111,23 @@ fn create_tmp(dir: &Path, name: &str) -> std::io::Result<(String, File)> {
     }
 }
 
-fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder, progress: &dyn Progress) -> Result<Index> {
+/// The index pass, keeping at most `max_members` members.
+fn build(
+    src: &Arc<dyn Source>,
+    codec: Codec,
+    rec: Recorder,
+    progress: &dyn Progress,
+    max_members: usize,
+) -> Result<Index> {
     let len = src.len()?;
     let what = if codec == Codec::Plain { "indexing" } else { "indexing (decompressing)" };
     progress.start(&format!("{} {what}", src.location().file_name()), len);
     let tick = |at: u64| progress.set(at);
     let mut members = Vec::new();
     let mut push = |m: Member| {
+        if members.len() >= max_members {
+            return Err(Error::TooManyMembers { member: m.name, max: max_members }.into());
+        }
         members.push(m);
         Ok(())
     };
@@ -272,7 +288,10 @@ fn decode(r: &mut FieldReader, id: &FileId) -> Option<Index> {
     let end = if r.u8()? == 1 { End::Marker } else { End::Eof };
     let total = r.u64()?;
     let n = r.u64()?;
-    let mut members = Vec::with_capacity(n.min(1 << 24) as usize);
+    if n > MAX_MEMBERS as u64 {
+        return None;
+    }
+    let mut members = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let nl = r.u64()?;
         let name = String::from_utf8(r.bytes(nl)?.to_vec()).ok()?;
@@ -329,6 +348,17 @@ mod tests {
         gz.write_all(&b.to_bytes()).unwrap();
         let id = FileId { dev: 1, ino: 2, size: 3, mtime_ns: 4 };
         Arc::new(WithId(MemSource::new("vm.xva", gz.finish().unwrap()), id))
+    }
+
+    #[test]
+    fn an_archive_of_more_members_than_the_bound_is_refused_while_indexing() {
+        // 3 MiB in 1 MiB chunks: ova.xml, then 3 chunks and 3 checksums.
+        let src = archive();
+        let rec = || Recorder::memory();
+        assert_eq!(build(&src, Codec::Gzip, rec(), &crate::progress::Silent, 7).unwrap().members.len(), 7);
+        let e = build(&src, Codec::Gzip, rec(), &crate::progress::Silent, 6).unwrap_err();
+        assert_eq!(e.kind(), crate::error::Kind::Unsupported);
+        assert!(e.to_string().contains("more than 6 tar members"), "{e}");
     }
 
     #[test]
