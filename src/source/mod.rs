@@ -6,6 +6,7 @@
 //! [`Location`] names a source in a way that lets a format resolve *relative* names (a parent, an
 //! extent) against it, so that a relative path on a remote host becomes another URL on that host.
 
+pub mod faulty;
 mod local;
 mod location;
 mod mem;

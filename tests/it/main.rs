@@ -7,6 +7,7 @@ mod cli;
 mod compose;
 mod compose_write;
 mod corpus;
+mod faults;
 mod gate;
 mod layering;
 mod overlay;
