@@ -304,11 +304,48 @@ pub fn create_private_file(dir: &Path, name: &str) -> std::io::Result<std::fs::F
 }
 
 /// Opens `name` in `dir` (see [`create_private_file`]) for reading, without following a symlink
-/// at that name (`ELOOP`).
+/// at that name (`ELOOP`), and only if it is a file of this user's that no one else may write
+/// and that has no other name (`EACCES` otherwise): a file someone else placed or linked there
+/// is never read back as vdiskfs's own.
 pub fn open_private_file(dir: &Path, name: &str) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     check_private_name(name)?;
-    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dir.join(name))
+    let f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dir.join(name))?;
+    let md = f.metadata()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_file() || md.uid() != me || md.mode() & 0o022 != 0 || md.nlink() != 1 {
+        let why = format!(
+            "not a private file of this user (uid {}, mode {:o}, {} links)",
+            md.uid(),
+            md.mode() & 0o7777,
+            md.nlink()
+        );
+        return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
+    }
+    Ok(f)
+}
+
+/// Why `dir` should not hold files that vdiskfs reads back later (indexes), if it should not:
+/// it is not a directory, another user owns it, or others may write to it (and so replace what
+/// is in it). `None` for a directory of this user's that only it may write, and for one that does
+/// not exist yet ([`create_private_file`] makes it, mode 0700).
+pub fn private_dir_problem(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(dir).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_dir() {
+        Some("is not a directory".to_string())
+    } else if md.uid() != me {
+        Some(format!("belongs to uid {}, not to this user (uid {me})", md.uid()))
+    } else if md.mode() & 0o022 != 0 {
+        let who = if md.mode() & 0o002 != 0 { "every user" } else { "its group" };
+        Some(format!("is writable by {who} (mode {:o})", md.mode() & 0o7777))
+    } else {
+        None
+    }
 }
 
 /// A private file's name is one path component.
@@ -431,5 +468,26 @@ mod tests {
         assert!(open_private_file(&dir, "planted").is_err(), "reading does not follow it either");
         assert!(open_private_file(&dir, "a").is_ok());
         assert!(create_private_file(&dir, "../escape").is_err());
+        // A file with a second name, or that others may write, is not read back.
+        std::fs::hard_link(dir.join("a"), t.path().join("other-name")).unwrap();
+        assert_eq!(open_private_file(&dir, "a").unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
+        std::fs::remove_file(t.path().join("other-name")).unwrap();
+        std::fs::set_permissions(dir.join("a"), std::fs::Permissions::from_mode(0o622)).unwrap();
+        assert_eq!(open_private_file(&dir, "a").unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_no_private_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(private_dir_problem(&t.path().join("missing")), None);
+        let d = t.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(private_dir_problem(&d), None);
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(private_dir_problem(&d).unwrap(), "is writable by every user (mode 1777)");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o770)).unwrap();
+        assert_eq!(private_dir_problem(&d).unwrap(), "is writable by its group (mode 770)");
     }
 }

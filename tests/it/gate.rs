@@ -286,3 +286,70 @@ fn block_devices_need_a_block_device_top_or_allow_devices() {
     refused_at_once(&[], &vg.join("VHD-child"), &vg.join("VHD-base"), &["symbolic link to /dev/dm-"]);
     drop(fake_node);
 }
+
+/// `vdiskfs -v info --cache-dir CACHE IMG`: succeeds; returns stderr.
+fn info_with_cache(cache: &Path, img: &Path) -> String {
+    let o = run(&[os("-v"), os("info"), os("--cache-dir"), cache.as_os_str(), img.as_os_str()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    stderr(&o)
+}
+
+fn index_files(cache: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(cache) else { return Vec::new() };
+    rd.map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("xva-index-"))
+        .collect()
+}
+
+crate::register!(the_xva_index_is_kept_only_in_a_cache_directory_of_ones_own);
+/// The XVA index is the one file vdiskfs writes and later trusts: a symlink planted at its name
+/// is neither read nor written through, an index file of another user's is not read, and a cache
+/// directory that others may write to or that another user owns is not used (a warning says
+/// so, and the export still reads, indexed in memory).
+fn the_xva_index_is_kept_only_in_a_cache_directory_of_ones_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tmpdir();
+    let img = t.path().join("vm.xva");
+    let mut x = testkit::xva::XvaBuilder::xapi("vm");
+    x.disk("root", pattern(5, (2 * MIB) as usize), 3, 0);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &x.to_bytes()).unwrap();
+    std::fs::write(&img, gz.finish().unwrap()).unwrap();
+    let cache = t.path().join("cache");
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+    info_with_cache(&cache, &img);
+    let [index] = index_files(&cache).try_into().unwrap();
+    assert_eq!((mode(&cache), mode(&index)), (0o700, 0o600));
+    assert!(info_with_cache(&cache, &img).contains("index read from"), "the index is used");
+
+    // A symlink at the index's name, to a valid index elsewhere: not read, not written through.
+    let genuine = t.path().join("genuine-index");
+    std::fs::rename(&index, &genuine).unwrap();
+    let kept = std::fs::read(&genuine).unwrap();
+    std::os::unix::fs::symlink(&genuine, &index).unwrap();
+    assert!(!info_with_cache(&cache, &img).contains("index read from"), "a symlink is not followed");
+    assert_eq!(std::fs::read(&genuine).unwrap(), kept, "its target is untouched");
+    assert!(std::fs::symlink_metadata(&index).unwrap().file_type().is_file(), "replaced by a file of our own");
+
+    // An index file that another user owns (a copy of a good one) is not read.
+    std::os::unix::fs::chown(&index, Some(12345), None).unwrap();
+    assert!(!info_with_cache(&cache, &img).contains("index read from"), "another user's index is not read");
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&index).unwrap()), 0, "rebuilt as ours");
+
+    // A cache directory others may write to, or another user's: not used at all.
+    std::fs::remove_file(&index).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = info_with_cache(&cache, &img);
+    assert!(e.contains("is writable by every user (mode 777): XVA indexes are not kept there"), "{e}");
+    assert!(index_files(&cache).is_empty(), "nothing written there");
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::chown(&cache, Some(12345), None).unwrap();
+    let e = info_with_cache(&cache, &img);
+    assert!(e.contains("belongs to uid 12345, not to this user"), "{e}");
+    assert!(index_files(&cache).is_empty(), "nothing written there");
+    if fuse_ok() {
+        let m = mount(&[os("--cache-dir"), cache.as_os_str(), img.as_os_str()]);
+        let got = std::fs::read(m.file("root.raw")).unwrap();
+        assert_same("XVA indexed in memory", &got[..(2 * MIB) as usize], &pattern(5, (2 * MIB) as usize));
+    }
+}

@@ -8,7 +8,10 @@
 //! does not check out is ignored and rebuilt. It is written under a temporary name of its own
 //! (`<name>.tmp-<pid>-<n>`, created new and private by [`create_private_file`], so a file or
 //! symlink someone placed at that name is never written through) and renamed; it is read back
-//! without following a symlink. Older indexes of the same inode are removed.
+//! without following a symlink, and only when it is this user's file that no one else may write.
+//! A cache directory that another user owns or others may write to is not used at all (a
+//! warning says so, and the index is built in memory). Older indexes of the same inode are
+//! removed.
 
 use std::fs::File;
 use std::io::Write;
@@ -21,7 +24,7 @@ use super::compressed::{self, Codec};
 use super::restart::{MAX_STORED_WINDOW, Recorder, RestartPoint, WindowStore};
 use super::tar::{self, End, Input, Member};
 use crate::error::{Error as CrateError, Result};
-use crate::gate::{create_private_file, open_private_file};
+use crate::gate::{create_private_file, open_private_file, private_dir_problem};
 use crate::progress::Progress;
 use crate::source::{FileId, Source};
 
@@ -65,6 +68,18 @@ fn tmp_name(name: &str, attempt: u32) -> String {
 
 /// Loads the cached index of `src`, or builds (and caches) it.
 pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>, progress: &dyn Progress) -> Result<Index> {
+    // An index is read back and trusted for where the data lies: it is kept only in a directory
+    // no one else may write to.
+    let cache_dir = cache_dir.filter(|dir| match private_dir_problem(dir) {
+        None => true,
+        Some(why) => {
+            log::warn!(
+                "cache directory {} {why}: XVA indexes are not kept there (each open builds one in memory); give --cache-dir a directory of your own that only you may write",
+                dir.display()
+            );
+            false
+        }
+    });
     let place = cache_dir.zip(src.id()).map(|(dir, id)| (dir, id, index_name(&id)));
     if let Some((dir, id, name)) = &place
         && let Some(ix) = load(dir, name, id)
