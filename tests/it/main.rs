@@ -14,6 +14,7 @@ mod overlay;
 mod robust;
 mod ssh;
 mod sync;
+mod target;
 mod vhd;
 mod vhd_bad;
 mod vhdx;
