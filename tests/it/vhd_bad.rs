@@ -284,7 +284,7 @@ fn a_vhd_claiming_billions_of_blocks_is_refused_before_anything_is_allocated() {
     head[512 + 28..512 + 32].copy_from_slice(&u32::MAX.to_be_bytes()); // max table entries
     head[512 + 32..512 + 36].copy_from_slice(&512u32.to_be_bytes()); // block size
     let mut tail = footer;
-    tail[40..56].copy_from_slice(&head[40..56].to_vec());
+    tail[40..56].copy_from_slice(&head[40..56]);
     for (b, at, skip) in [(&mut head, 0, 64), (&mut tail, 0, 64)] {
         let s = vhd_sum(&b[at..at + 512], skip);
         b[at + skip..at + skip + 4].copy_from_slice(&s.to_be_bytes());
