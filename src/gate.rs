@@ -6,10 +6,11 @@
 //! - **confinement**: a relative name must stay, lexically, inside the directory of the image
 //!   that names it or a `--parent-dir`; an absolute one is not followed unless the user says
 //!   `--trust-locators`. A bare file name is also looked for in those directories, in order.
-//! - **symlinks**: a name that is a symlink is followed only when its final target passes the
-//!   same confinement (checked on the canonical paths). One exception keeps XenServer LVM
-//!   storage working: `/dev/VG_XenStorage-*/VHD-*` names are symlinks to `/dev/dm-*`, so a
-//!   symlink to a device-mapper node is accepted where block devices are.
+//! - **symlinks**: a name that is a symlink, or that leads through one (`sub/base.vhd` with
+//!   `sub` a link), is followed only when its final target passes the same confinement
+//!   (checked on the canonical paths). One exception keeps XenServer LVM storage working:
+//!   `/dev/VG_XenStorage-*/VHD-*` names are symlinks to `/dev/dm-*`, so a symlink to a
+//!   device-mapper node is accepted where block devices are.
 //! - **file type**: only regular files, and block devices where the chain's own top is a block
 //!   device or the user passed `--allow-devices`; checked before anything is read and without
 //!   blocking (see [`LocalSource::open`]).
@@ -19,10 +20,11 @@
 //! else placed in that directory.
 //!
 //! Names on an ssh host pass the same three checks on that host: confinement is lexical on the
-//! remote path (a parent or extent resolves on the image's own host, never another); a symlink
-//! is followed only when the host's `realpath` of it lies inside the image's directory or a
-//! remote `--parent-dir` (each also resolved by the host), or is a `/dev/dm-N` node where block
-//! devices are allowed; the file type comes from the host's `stat` before anything is opened.
+//! remote path (a parent or extent resolves on the image's own host, never another); a name
+//! leading through a symlink is followed only when the host's `realpath` of it lies inside the
+//! image's directory or a remote `--parent-dir` (each also resolved by the host), or is a
+//! `/dev/dm-N` node where block devices are allowed; the file type comes from the host's `stat`
+//! before anything is opened.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -207,10 +209,16 @@ impl Gate {
     pub fn open_named(&self, c: &Candidate, base_dir: &Location) -> Result<Option<Arc<dyn Source>>> {
         match &c.loc {
             Location::Local(p) => {
-                let Ok(lmd) = std::fs::symlink_metadata(p) else { return Ok(None) };
-                if lmd.file_type().is_symlink() && !self.policy.trust_locators {
+                if std::fs::symlink_metadata(p).is_err() {
+                    return Ok(None);
+                }
+                if !self.policy.trust_locators {
+                    // Any symlink on the way counts, not only the last name: `sub/base.vhd`
+                    // with `sub` a link to `/etc` must not pass as "inside the directory".
                     let Ok(target) = std::fs::canonicalize(p) else { return Ok(None) };
-                    self.check_symlink(p, &target, base_dir).map_err(|e| e.in_file(&c.loc))?;
+                    if normalize(p).is_none_or(|lexical| lexical != target) {
+                        self.check_symlink(p, &target, base_dir).map_err(|e| e.in_file(&c.loc))?;
+                    }
                 }
                 Ok(Some(Arc::new(LocalSource::open(p, self.accept())?)))
             }
@@ -226,14 +234,19 @@ impl Gate {
     fn open_remote(&self, p: &SshPath, base_dir: &Location) -> Result<Option<Arc<dyn Source>>> {
         let loc = Location::Ssh(p.clone());
         let r = self.remotes(&loc)?;
-        let Some(st) = r.lstat(p)? else { return Ok(None) };
-        if st.kind == RemoteKind::Symlink && !self.policy.trust_locators {
+        if r.lstat(p)?.is_none() {
+            return Ok(None);
+        }
+        if !self.policy.trust_locators {
+            // As locally: a symlink anywhere on the way, not only the last name.
             let target = match r.realpath(p) {
                 Ok(t) => t,
                 Err(e) if e.kind() == Kind::NotFound => return Ok(None),
                 Err(e) => return Err(e),
             };
-            self.check_remote_symlink(r, &target, base_dir).map_err(|e| e.in_file(&loc))?;
+            if normalize_remote(&p.path).is_none_or(|lexical| lexical != target.path) {
+                self.check_remote_symlink(r, &target, base_dir).map_err(|e| e.in_file(&loc))?;
+            }
         }
         Ok(Some(r.open(p, self.accept())?))
     }
@@ -291,11 +304,48 @@ pub fn create_private_file(dir: &Path, name: &str) -> std::io::Result<std::fs::F
 }
 
 /// Opens `name` in `dir` (see [`create_private_file`]) for reading, without following a symlink
-/// at that name (`ELOOP`).
+/// at that name (`ELOOP`), and only if it is a file of this user's that no one else may write
+/// and that has no other name (`EACCES` otherwise): a file someone else placed or linked there
+/// is never read back as vdiskfs's own.
 pub fn open_private_file(dir: &Path, name: &str) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     check_private_name(name)?;
-    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dir.join(name))
+    let f =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(dir.join(name))?;
+    let md = f.metadata()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_file() || md.uid() != me || md.mode() & 0o022 != 0 || md.nlink() != 1 {
+        let why = format!(
+            "not a private file of this user (uid {}, mode {:o}, {} links)",
+            md.uid(),
+            md.mode() & 0o7777,
+            md.nlink()
+        );
+        return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why));
+    }
+    Ok(f)
+}
+
+/// Why `dir` should not hold files that vdiskfs reads back later (indexes), if it should not:
+/// it is not a directory, another user owns it, or others may write to it (and so replace what
+/// is in it). `None` for a directory of this user's that only it may write, and for one that does
+/// not exist yet ([`create_private_file`] makes it, mode 0700).
+pub fn private_dir_problem(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(dir).ok()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if !md.is_dir() {
+        Some("is not a directory".to_string())
+    } else if md.uid() != me {
+        Some(format!("belongs to uid {}, not to this user (uid {me})", md.uid()))
+    } else if md.mode() & 0o022 != 0 {
+        let who = if md.mode() & 0o002 != 0 { "every user" } else { "its group" };
+        Some(format!("is writable by {who} (mode {:o})", md.mode() & 0o7777))
+    } else {
+        None
+    }
 }
 
 /// A private file's name is one path component.
@@ -389,6 +439,12 @@ mod tests {
         let e = open("outside.vhd").unwrap_err();
         assert!(e.to_string().contains("symbolic link") && e.kind() == Kind::Denied, "{e}");
         assert!(open("missing.vhd").unwrap().is_none());
+        // A directory on the way that is a symlink out of the confinement counts as well.
+        std::os::unix::fs::symlink(t.path(), dir.join("sub")).unwrap();
+        let e = open("sub/secret").unwrap_err();
+        assert!(e.to_string().contains("symbolic link") && e.kind() == Kind::Denied, "{e}");
+        std::os::unix::fs::symlink(&dir, dir.join("here")).unwrap();
+        assert!(open("here/real.vhd").unwrap().is_some(), "a link that stays inside is fine");
     }
 
     #[test]
@@ -412,5 +468,26 @@ mod tests {
         assert!(open_private_file(&dir, "planted").is_err(), "reading does not follow it either");
         assert!(open_private_file(&dir, "a").is_ok());
         assert!(create_private_file(&dir, "../escape").is_err());
+        // A file with a second name, or that others may write, is not read back.
+        std::fs::hard_link(dir.join("a"), t.path().join("other-name")).unwrap();
+        assert_eq!(open_private_file(&dir, "a").unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
+        std::fs::remove_file(t.path().join("other-name")).unwrap();
+        std::fs::set_permissions(dir.join("a"), std::fs::Permissions::from_mode(0o622)).unwrap();
+        assert_eq!(open_private_file(&dir, "a").unwrap_err().kind(), std::io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_no_private_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(private_dir_problem(&t.path().join("missing")), None);
+        let d = t.path().join("d");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(private_dir_problem(&d), None);
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(private_dir_problem(&d).unwrap(), "is writable by every user (mode 1777)");
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o770)).unwrap();
+        assert_eq!(private_dir_problem(&d).unwrap(), "is writable by its group (mode 770)");
     }
 }

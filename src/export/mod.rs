@@ -53,6 +53,8 @@ pub enum ExportError {
     NotFileOrDevice,
     #[error("target is the source {0}; sources are never written")]
     IsSource(String),
+    #[error("target is a loop device backed by {backing}, the source {image}; sources are never written")]
+    LoopOfSource { backing: String, image: String },
     #[error("target is attached to {0}; detach it first")]
     LoopAttached(String),
     #[error("target is in use (mounted, or held by another program); refusing to write it")]

@@ -47,10 +47,46 @@ fn loop_devices_backed_by(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The file behind the loop device `rdev` (whatever node names it), if it is one: the kernel's
+/// record in sysfs, found by major:minor so a `mknod`-made node is recognised too.
+fn loop_backing_file(rdev: u64) -> Option<PathBuf> {
+    let (major, minor) = (libc::major(rdev as libc::dev_t), libc::minor(rdev as libc::dev_t));
+    let bf = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(bf.trim_end_matches('\n')))
+}
+
+/// The source `target` would overwrite, if any: the same file (device and inode), the same
+/// block device under another name (the device number it names), or a loop device whose
+/// backing file is a source. `sources` are every file a layer reads, and the overlay.
+fn source_it_names(md: &std::fs::Metadata, sources: &[PathBuf]) -> Option<ExportError> {
+    let block = md.file_type().is_block_device();
+    let backing = if block { loop_backing_file(md.rdev()) } else { None };
+    let backing_md = backing.as_deref().and_then(|b| std::fs::metadata(b).ok());
+    for s in sources {
+        let Ok(smd) = std::fs::metadata(s) else { continue };
+        let same_file = smd.dev() == md.dev() && smd.ino() == md.ino();
+        let same_device = block && smd.file_type().is_block_device() && smd.rdev() == md.rdev();
+        if same_file || same_device {
+            return Some(ExportError::IsSource(s.display().to_string()));
+        }
+        if let (Some(b), Some(bmd)) = (&backing, &backing_md)
+            && bmd.dev() == smd.dev()
+            && bmd.ino() == smd.ino()
+        {
+            return Some(ExportError::LoopOfSource {
+                backing: b.display().to_string(),
+                image: s.display().to_string(),
+            });
+        }
+    }
+    None
+}
+
 impl Target {
     /// Opens `path` for a disk of `size` bytes. Refuses anything but a regular file or a block
-    /// device, one of `sources`, a file attached to a loop device, a block device that is mounted
-    /// or held (`O_EXCL`), and a target smaller than the disk.
+    /// device, one of `sources` (by file, by device number, or as a loop device backed by one), a
+    /// file attached to a loop device, a block device that is mounted or held (`O_EXCL`), and a
+    /// target smaller than the disk.
     pub fn open(path: &Path, size: u64, sources: &[PathBuf], create: Create) -> Result<Target> {
         match std::fs::metadata(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create == Create::IfMissing => {
@@ -73,13 +109,8 @@ impl Target {
         if !(ft.is_file() || ft.is_block_device()) {
             return Err(err(path, ExportError::NotFileOrDevice));
         }
-        for s in sources {
-            if let Ok(smd) = std::fs::metadata(s)
-                && smd.dev() == md.dev()
-                && smd.ino() == md.ino()
-            {
-                return Err(err(path, ExportError::IsSource(s.display().to_string())));
-            }
+        if let Some(e) = source_it_names(md, sources) {
+            return Err(err(path, e));
         }
         if ft.is_file() {
             let loops = loop_devices_backed_by(path);

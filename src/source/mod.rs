@@ -6,6 +6,7 @@
 //! [`Location`] names a source in a way that lets a format resolve *relative* names (a parent, an
 //! extent) against it, so that a relative path on a remote host becomes another URL on that host.
 
+pub mod faulty;
 mod local;
 mod location;
 mod mem;
@@ -57,8 +58,10 @@ impl ErrorKind for SourceError {
                 io::ErrorKind::PermissionDenied => Kind::Denied,
                 _ => Kind::Io,
             },
-            SourceError::Directory | SourceError::Special(_) => Kind::Usage,
-            SourceError::DeviceNotAllowed => Kind::Denied,
+            SourceError::Directory => Kind::Usage,
+            // Refused by the type rule, like a block device where none may be: not a mistake
+            // on the command line when an image named it (exit 1, EACCES).
+            SourceError::Special(_) | SourceError::DeviceNotAllowed => Kind::Denied,
         }
     }
 }

@@ -262,3 +262,41 @@ fn read_time_truncation_gives_eio_and_a_log_line() {
     assert!(wait_for(5, || m.log_text().contains("truncated")), "log: {}", m.log_text());
     assert!(m.log_text().contains("live.vhd"), "log names the file: {}", m.log_text());
 }
+
+crate::register!(a_vhd_claiming_billions_of_blocks_is_refused_before_anything_is_allocated);
+/// 2 TiB in 512-byte blocks: 2^32 - 1 BAT entries in a sparse 16 GiB file. The open used to
+/// allocate a 512 MiB allocation bitmap and read all 16 GiB of BAT; now the block count is
+/// refused at once, whatever the file holds.
+fn a_vhd_claiming_billions_of_blocks_is_refused_before_anything_is_allocated() {
+    let t = tmpdir();
+    let p = sample(t.path(), "huge.vhd");
+    let blocks: u64 = u32::MAX as u64;
+    let footer = std::fs::read(&p).unwrap()[..512].to_vec();
+    let mut head = std::fs::read(&p).unwrap()[..1536].to_vec();
+    // A new file: footer copy, dynamic header, then a BAT of `blocks` entries (a hole), footer.
+    std::fs::write(&p, b"").unwrap();
+    let len = 1536 + blocks * 4 + 512;
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len).unwrap();
+    let size = blocks * 512;
+    head[48..56].copy_from_slice(&size.to_be_bytes()); // current size
+    head[40..48].copy_from_slice(&size.to_be_bytes()); // original size
+    head[512 + 16..512 + 24].copy_from_slice(&1536u64.to_be_bytes()); // table offset
+    head[512 + 28..512 + 32].copy_from_slice(&u32::MAX.to_be_bytes()); // max table entries
+    head[512 + 32..512 + 36].copy_from_slice(&512u32.to_be_bytes()); // block size
+    let mut tail = footer;
+    tail[40..56].copy_from_slice(&head[40..56]);
+    for (b, at, skip) in [(&mut head, 0, 64), (&mut tail, 0, 64)] {
+        let s = vhd_sum(&b[at..at + 512], skip);
+        b[at + skip..at + skip + 4].copy_from_slice(&s.to_be_bytes());
+    }
+    let s = vhd_sum(&head[512..1536], 36);
+    head[548..552].copy_from_slice(&s.to_be_bytes());
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.write_all_at(&head, 0).unwrap();
+    f.write_all_at(&tail, len - 512).unwrap();
+    drop(f);
+    let started = std::time::Instant::now();
+    refused(&p, &p, &["4294967295 blocks", "at most 16777216"]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "took {:?}", started.elapsed());
+}

@@ -290,3 +290,58 @@ fn a_bad_grain_table_of_a_large_disk_gives_eio_at_read_time() {
     f.read_exact_at(&mut buf, 500 << 30).unwrap();
     assert!(buf.iter().all(|&b| b == 0x43));
 }
+
+crate::register!(an_extent_found_by_name_elsewhere_is_shown_warned_and_checked);
+/// A snapshot's extents moved out of its directory and found by file name in a `--parent-dir`:
+/// `info` says so for each, the open logs a warning naming it, and a sparse extent whose header
+/// capacity is not exactly its line's (another disk's file of that name) is refused. A flat
+/// extent has no header: only its size is checked, and the warning says so.
+fn an_extent_found_by_name_elsewhere_is_shown_warned_and_checked() {
+    let t = tmpdir();
+    let (dir, pd) = (t.path().join("vm"), t.path().join("moved"));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::create_dir(&pd).unwrap();
+    let (base, _) = write_flat(&dir, "vm", &pattern(1, (4 * MIB) as usize), "vmfs").unwrap();
+    let mut s = DeltaBuilder::sesparse(&base).unwrap();
+    s.write(MIB, &pattern(2, 8192));
+    let top = s.build(&dir, "vm-000001").unwrap();
+    for f in ["vm-flat.vmdk", "vm-000001-sesparse.vmdk"] {
+        std::fs::rename(dir.join(f), pd.join(f)).unwrap();
+    }
+    let info = |img: &Path| vdiskfs([os("info"), os("--parent-dir"), pd.as_os_str(), img.as_os_str()]);
+    let o = info(&top);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for f in ["vm-flat.vmdk", "vm-000001-sesparse.vmdk"] {
+        let shown =
+            format!("{} (found by file name in a --parent-dir, not where the image names it)", pd.join(f).display());
+        assert!(out.contains(&shown), "info should say {shown}: {out}");
+        let warned = format!(
+            "extent 0 '{f}' found by file name in a --parent-dir, not where the image names it: {}",
+            pd.join(f).display()
+        );
+        assert!(stderr(&o).contains(&warned), "open should warn {warned}: {}", stderr(&o));
+    }
+    assert!(stderr(&o).contains("it holds 4194304 bytes; only its size ties it"), "{}", stderr(&o));
+    if fuse_ok() {
+        let m = mount(&[os("--parent-dir"), pd.as_os_str(), top.as_os_str()]);
+        let got = std::fs::read(m.file("vm-000001.raw")).unwrap();
+        assert_eq!(&got[MIB as usize..MIB as usize + 8192], &pattern(2, 8192)[..]);
+    }
+    // Another disk's SESparse extent of that name, larger than this line: its capacity differs.
+    let other = t.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let (obase, _) = write_flat(&other, "vm", &pattern(3, (8 * MIB) as usize), "vmfs").unwrap();
+    DeltaBuilder::sesparse(&obase).unwrap().build(&other, "vm-000001").unwrap();
+    std::fs::rename(other.join("vm-000001-sesparse.vmdk"), pd.join("vm-000001-sesparse.vmdk")).unwrap();
+    let ext = pd.join("vm-000001-sesparse.vmdk");
+    let o = info(&top);
+    let e = stderr(&o);
+    let line = e.lines().find(|l| l.starts_with("vdiskfs: ")).unwrap_or_default();
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(line.starts_with(&format!("vdiskfs: {}: found by file name in a --parent-dir", ext.display())), "{e}");
+    assert!(
+        line.contains("header says 16384 sectors where vm-000001.vmdk declares 8192: not this disk's extent"),
+        "{e}"
+    );
+}

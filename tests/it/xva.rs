@@ -433,6 +433,11 @@ fn bad_archives_are_refused_with_one_line_naming_archive_and_member() {
     );
     let broken = tar(&[("ova.xml", b"<value><struct><member><name>objects</name></struct></value>")]);
     refused(&write("badova.xva", &broken), &["ova.xml", "malformed"]);
+    // A virtual_size over the bound (the whole-disk scans and map would follow it).
+    let huge_xml = xml.replace(&(2 * MIB).to_string(), &(65u64 << 40).to_string());
+    assert_ne!(huge_xml, xml);
+    let huge = tar(&[("ova.xml", huge_xml.as_bytes()), ("Ref:3/00000000", &one), ("Ref:3/00000000.xxhash", &s1)]);
+    refused(&write("huge.xva", &huge), &["ova.xml", "virtual_size 0x410000000000", "over the 64 TiB"]);
     // A chunk outside its VDI's directory.
     refused(
         &write(

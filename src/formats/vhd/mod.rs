@@ -13,8 +13,9 @@
 //! a bad cookie or checksum in both footer copies ([`Error::BothFooters`]), a bad dynamic-header
 //! checksum ([`Error::Header`]), a format version other than 1.x ([`Error::Version`]), a block size
 //! that is not a power of two in 512 B–256 MiB ([`Error::BlockSize`]), a virtual size over 2 TiB
-//! ([`Error::VirtualSize`]), a BAT smaller than the disk ([`Error::BatTooSmall`]), a BAT entry whose
-//! block runs past the end of the file ([`Error::BlockPastEnd`]), a poisoned (mid-coalesce) blktap
+//! ([`Error::VirtualSize`]), more than 2^24 blocks ([`Error::TooManyBlocks`]), a BAT smaller than
+//! the disk ([`Error::BatTooSmall`]), a BAT entry whose block runs past the end of the file
+//! ([`Error::BlockPastEnd`]), a poisoned (mid-coalesce) blktap
 //! VHD ([`Error::Poisoned`]), and blktap 0.1 files (little-endian bitmaps, refused by blktap
 //! itself: [`Error::Blktap01`]).
 
@@ -80,6 +81,11 @@ pub enum Error {
     Header { offset: u64, inner: Box<Error> },
     #[error("BAT has {entries} entries but a disk of {size} bytes with {block_size}-byte blocks needs {needed}")]
     BatTooSmall { entries: u32, size: u64, block_size: u64, needed: u64 },
+    #[error(
+        "a disk of {size} bytes in {block_size}-byte blocks has {blocks} blocks; vdiskfs reads at most {} (2 MiB blocks, as every VHD writer uses, need at most 1048576)",
+        MAX_BLOCKS
+    )]
+    TooManyBlocks { size: u64, block_size: u64, blocks: u64 },
     #[error("BAT at {offset:#x} runs past the end of the file ({len:#x})")]
     BatPastEnd { offset: u64, len: u64 },
     #[error(
@@ -109,7 +115,7 @@ impl ErrorKind for Error {
             | Error::BatPastEnd { .. }
             | Error::BlockPastEnd { .. }
             | Error::LocatorPastEnd { .. } => Kind::Corrupt,
-            Error::Version { .. } | Error::Blktap01 => Kind::Unsupported,
+            Error::Version { .. } | Error::Blktap01 | Error::TooManyBlocks { .. } => Kind::Unsupported,
             Error::BatEntryChanged(_) => Kind::Stale,
             // A located error is what it wraps; of two bad footers, the one at the end decides.
             Error::Footer { cause: inner, .. }
@@ -121,6 +127,10 @@ impl ErrorKind for Error {
 
 /// The VHD maximum virtual size (the spec allows 2040 GiB; blktap and qemu allow 2 TiB).
 pub const MAX_SIZE: u64 = 2 << 40;
+/// Blocks per disk: the allocation bitmap costs 1 bit each (2 MiB at most) and the BAT read at
+/// open 4 bytes each (64 MiB at most), whatever block size a header claims. A 2 TiB disk needs
+/// 128 KiB blocks or larger; Virtual PC, Hyper-V, blktap and qemu write 2 MiB blocks.
+pub const MAX_BLOCKS: u64 = 1 << 24;
 const SECTOR: u64 = 512;
 const UNUSED: u64 = 0xFFFF_FFFF;
 /// Bytes of sector bitmaps cached per layer (1024 bitmaps of a 2 MiB-block disk, less the
@@ -228,6 +238,9 @@ impl Dynamic {
     fn open(src: &Arc<dyn Source>, footer: &Footer, header: DynHeader, len: u64, data_end: u64) -> Result<Dynamic> {
         let bs = header.block_size as u64;
         let blocks = footer.current_size.div_ceil(bs);
+        if blocks > MAX_BLOCKS {
+            return Err(Error::TooManyBlocks { size: footer.current_size, block_size: bs, blocks }.into());
+        }
         if (header.max_table_entries as u64) < blocks {
             return Err(Error::BatTooSmall {
                 entries: header.max_table_entries,

@@ -116,6 +116,11 @@ pub enum Error {
     NoLogSequence(NoSequence),
     #[error("log says the file was at least {flushed:#x} bytes but it is {len:#x}: truncated")]
     LogTruncated { flushed: u64, len: u64 },
+    /// The entries' headers claim more bytes to check than a log writer can leave behind.
+    #[error(
+        "log entries overlap: with the entry at log offset {at:#x} they claim more than {limit:#x} bytes to checksum, more than entries written around the log can hold"
+    )]
+    LogEntriesOverlap { at: u64, limit: u64 },
 }
 
 impl ErrorKind for Error {
@@ -149,7 +154,8 @@ impl ErrorKind for Error {
             | Error::LogPastEnd { .. }
             | Error::LogEntry { .. }
             | Error::NoLogSequence(_)
-            | Error::LogTruncated { .. } => Kind::Corrupt,
+            | Error::LogTruncated { .. }
+            | Error::LogEntriesOverlap { .. } => Kind::Corrupt,
             Error::Version { .. }
             | Error::UnknownRequired { .. }
             | Error::LogicalSectorSize(_)

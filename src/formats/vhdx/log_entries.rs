@@ -20,6 +20,12 @@ use crate::layer::fmt_guid_le;
 pub const SECTOR: u64 = 4096;
 /// Dirty logs larger than this are refused (Hyper-V and qemu write 1 MiB logs).
 pub const MAX_LOG: u32 = 64 << 20;
+/// Bytes of entries one scan may checksum, as a multiple of the log's length. A log writer
+/// appends entries around the ring, so the entries whose headers survive are the ones written
+/// within the last lap: they do not overlap and total at most one log length. A crafted log
+/// whose every 4 KiB sector claims to start a log-long entry would cost n²/4 KiB of CRC work
+/// (1 TiB for a 64 MiB log); it is refused when it passes this bound.
+pub const WORK_FACTOR: u64 = 4;
 const HEADER_LEN: usize = 64;
 const DESC_LEN: usize = 32;
 
@@ -105,10 +111,39 @@ pub enum NoSequence {
     Changed(u64),
 }
 
-/// `len` bytes of the circular log starting at `at`.
-fn ring(log: &[u8], at: u64, len: u64) -> Vec<u8> {
-    let n = log.len() as u64;
-    (0..len).map(|i| log[((at + i) % n) as usize]).collect()
+/// `len` (at most the log's length) bytes of the circular log starting at `at`: borrowed, or
+/// copied when they wrap around the end.
+fn ring(log: &[u8], at: u64, len: u64) -> std::borrow::Cow<'_, [u8]> {
+    let (at, len) = (at as usize, len as usize);
+    match log.get(at..at + len) {
+        Some(b) => std::borrow::Cow::Borrowed(b),
+        None => {
+            let mut v = Vec::with_capacity(len);
+            v.extend_from_slice(&log[at..]);
+            v.extend_from_slice(&log[..len - (log.len() - at)]);
+            std::borrow::Cow::Owned(v)
+        }
+    }
+}
+
+/// What a scan may still checksum, in bytes ([`WORK_FACTOR`]).
+#[derive(Debug)]
+pub struct Budget {
+    left: u64,
+    limit: u64,
+}
+
+impl Budget {
+    /// `factor` times the length of `log`.
+    pub fn new(log: &[u8], factor: u64) -> Budget {
+        let limit = factor.saturating_mul(log.len() as u64);
+        Budget { left: limit, limit }
+    }
+
+    fn spend(&mut self, at: u64, len: u64) -> Result<(), Error> {
+        self.left = self.left.checked_sub(len).ok_or(Error::LogEntriesOverlap { at, limit: self.limit })?;
+        Ok(())
+    }
 }
 
 /// Sectors holding the header and `count` descriptors (126 in the first, 128 in each next one).
@@ -117,12 +152,14 @@ fn descriptor_sectors(count: u64) -> u64 {
 }
 
 /// Validates the entry at `at` (a multiple of 4 KiB inside `log`): header fields, LogGuid,
-/// checksum over the whole entry, every descriptor and data sector.
-pub fn probe(log: &[u8], at: u64, guid: &Guid, with_data: bool) -> Probe {
+/// checksum over the whole entry, every descriptor and data sector. The checksum is paid from
+/// `budget`; a scan that runs out of it is refused. Without `with_data` the descriptors are
+/// checked but not returned.
+pub fn probe(log: &[u8], at: u64, guid: &Guid, with_data: bool, budget: &mut Budget) -> Result<Probe, Error> {
     let n = log.len() as u64;
     let h = &log[at as usize..at as usize + HEADER_LEN];
     if &h[0..4] != b"loge" || h[32..48] != guid[..] {
-        return Probe::Nothing;
+        return Ok(Probe::Nothing);
     }
     let header = EntryHeader {
         entry_length: LittleEndian::read_u32(&h[8..12]),
@@ -133,7 +170,7 @@ pub fn probe(log: &[u8], at: u64, guid: &Guid, with_data: bool) -> Probe {
         last_file_offset: LittleEndian::read_u64(&h[56..64]),
     };
     let seq = header.sequence;
-    let broken = |defect: EntryDefect| Probe::Broken { sequence: seq, defect };
+    let broken = |defect: EntryDefect| Ok(Probe::Broken { sequence: seq, defect });
     let len = header.entry_length as u64;
     if len == 0 || !len.is_multiple_of(SECTOR) || len > n {
         return broken(EntryDefect::Length(len));
@@ -144,19 +181,21 @@ pub fn probe(log: &[u8], at: u64, guid: &Guid, with_data: bool) -> Probe {
     if seq == 0 {
         return broken(EntryDefect::SequenceZero);
     }
+    // Checks that cost nothing come before the checksum, which costs the whole entry.
+    let count = header.descriptor_count as u64;
+    let desc_sectors = descriptor_sectors(count);
+    if desc_sectors * SECTOR > len {
+        return broken(EntryDefect::DescriptorsDoNotFit { count, len });
+    }
+    budget.spend(at, len)?;
     let b = ring(log, at, len);
     let stored = LittleEndian::read_u32(&b[4..8]);
     let computed = checksum(&b, 4);
     if stored != computed {
         return broken(EntryDefect::Checksum { stored, computed });
     }
-    let count = header.descriptor_count as u64;
-    let desc_sectors = descriptor_sectors(count);
-    if desc_sectors * SECTOR > len {
-        return broken(EntryDefect::DescriptorsDoNotFit { count, len });
-    }
     match descriptors(&b, seq, count as usize, desc_sectors, with_data) {
-        Ok(writes) => Probe::Valid { header, writes },
+        Ok(writes) => Ok(Probe::Valid { header, writes }),
         Err(defect) => broken(defect),
     }
 }
@@ -171,7 +210,7 @@ fn descriptors(
     with_data: bool,
 ) -> Result<Vec<LogWrite>, EntryDefect> {
     let len = b.len() as u64;
-    let mut writes = Vec::with_capacity(count.min(1 << 16));
+    let mut writes = Vec::with_capacity(if with_data { count.min(1 << 16) } else { 0 });
     let mut data_sector = desc_sectors;
     for k in 0..count {
         let d = &b[HEADER_LEN + DESC_LEN * k..HEADER_LEN + DESC_LEN * (k + 1)];
@@ -188,7 +227,9 @@ fn descriptors(
                 if !length.is_multiple_of(SECTOR) || file_offset.checked_add(length).is_none() {
                     return Err(EntryDefect::ZeroLength { index: k, length });
                 }
-                writes.push(LogWrite::Zero { file_offset, length });
+                if with_data {
+                    writes.push(LogWrite::Zero { file_offset, length });
+                }
             }
             b"desc" => {
                 if (data_sector + 1) * SECTOR > len {
@@ -200,14 +241,13 @@ fn descriptors(
                 if &s[0..4] != b"data" || (high << 32 | low) != seq {
                     return Err(EntryDefect::DataSector(k));
                 }
-                let sector = with_data.then(|| {
+                if with_data {
                     let mut v = vec![0u8; SECTOR as usize];
                     v[0..8].copy_from_slice(&d[8..16]); // leading bytes
                     v[8..4092].copy_from_slice(&s[8..4092]);
                     v[4092..4096].copy_from_slice(&d[4..8]); // trailing bytes
-                    v.into_boxed_slice()
-                });
-                writes.push(LogWrite::Data { file_offset, sector });
+                    writes.push(LogWrite::Data { file_offset, sector: Some(v.into_boxed_slice()) });
+                }
                 data_sector += 1;
             }
             _ => return Err(EntryDefect::DescriptorSignature { index: k, found: [d[0], d[1], d[2], d[3]] }),
@@ -228,8 +268,17 @@ pub struct Sequence {
 /// entry shows that the newest sequence is damaged.
 pub fn active_sequence(log: &[u8], guid: &Guid) -> Result<Sequence, Error> {
     let n = log.len() as u64;
+    // Each offset is probed once: at most n / 4 KiB probes, their checksums bounded in total.
+    let mut budget = Budget::new(log, WORK_FACTOR);
     let mut memo: HashMap<u64, Probe> = HashMap::new();
-    let mut look = |at: u64| memo.entry(at).or_insert_with(|| probe(log, at, guid, false)).clone();
+    let mut look = |at: u64| -> Result<Probe, Error> {
+        if let Some(p) = memo.get(&at) {
+            return Ok(p.clone());
+        }
+        let p = probe(log, at, guid, false, &mut budget)?;
+        memo.insert(at, p.clone());
+        Ok(p)
+    };
     let mut candidate: Option<Sequence> = None;
     let (mut cur_tail, mut old_tail) = (0u64, 0u64);
     loop {
@@ -237,7 +286,7 @@ pub fn active_sequence(log: &[u8], guid: &Guid) -> Result<Sequence, Error> {
         let mut seq: Vec<(u64, EntryHeader)> = Vec::new();
         let mut head = cur_tail;
         let mut used = 0u64;
-        while let Probe::Valid { header, .. } = look(head) {
+        while let Probe::Valid { header, .. } = look(head)? {
             let follows = seq.last().is_none_or(|(_, last)| header.sequence == last.sequence + 1);
             if !follows || used + header.entry_length as u64 > n {
                 break;
@@ -331,8 +380,10 @@ pub fn replay(log: &[u8], guid: &Guid, file_len: u64) -> Result<(ReplayedWrites,
         data_descriptors: 0,
         zero_descriptors: 0,
     };
+    // The active sequence's entries follow one another without overlap: one log length.
+    let mut budget = Budget::new(log, 1);
     for &at in &seq.offsets {
-        let Probe::Valid { writes: entry, .. } = probe(log, at, guid, true) else {
+        let Probe::Valid { writes: entry, .. } = probe(log, at, guid, true, &mut budget)? else {
             return Err(Error::NoLogSequence(NoSequence::Changed(at)));
         };
         for w in entry {
@@ -486,6 +537,38 @@ mod tests {
     fn a_truncated_file_is_refused() {
         let log = log_with(&[(0, entry(1, 0, &[], 0, &GUID))]);
         assert!(matches!(replay(&log, &GUID, 1 << 20), Err(Error::LogTruncated { .. })));
+    }
+
+    #[test]
+    fn a_log_whose_every_sector_claims_the_whole_log_is_refused_in_bounded_work() {
+        // Every 4 KiB sector starts an entry of this log that claims to be as long as the log:
+        // scanning it all would checksum n * n / 4 KiB bytes (4 GiB here, 1 TiB at 64 MiB).
+        let n = 4usize << 20;
+        let mut log = vec![0u8; n];
+        for at in (0..n).step_by(SECTOR as usize) {
+            let h = &mut log[at..at + 64];
+            h[0..4].copy_from_slice(b"loge"); // signature
+            h[8..12].copy_from_slice(&(n as u32).to_le_bytes()); // entry length: the whole log
+            h[16..24].copy_from_slice(&1u64.to_le_bytes()); // sequence number
+            h[32..48].copy_from_slice(&GUID); // log guid
+        }
+        let t = std::time::Instant::now();
+        let e = active_sequence(&log, &GUID).unwrap_err();
+        assert!(matches!(e, Error::LogEntriesOverlap { limit, .. } if limit == WORK_FACTOR * n as u64), "{e}");
+        assert!(e.to_string().contains("log entries overlap"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "{:?}", t.elapsed());
+        // The budget counts only what is checksummed: a genuine log of back-to-back entries
+        // filling the ring costs one pass.
+        let mut entries = Vec::new();
+        let mut at = 0u64;
+        for seq in 1..=120u64 {
+            let e = entry(seq, 0, &[(true, 0x1000 * seq, 0)], seq as u8, &GUID);
+            let len = e.len() as u64;
+            entries.push((at, e));
+            at += len;
+        }
+        let s = active_sequence(&log_with(&entries), &GUID).unwrap();
+        assert_eq!((s.first, s.head.sequence), (1, 120));
     }
 
     #[test]

@@ -284,6 +284,13 @@ mod tests {
         assert!(matches!(parse_table(&b, 1 << 20), Err(Error::Item { .. })));
         b[48..52].copy_from_slice(&0xFFFFCu32.to_le_bytes()); // runs past the region
         assert!(matches!(parse_table(&b, 1 << 20), Err(Error::Item { .. })));
+        // An item larger than any the format defines, even inside a huge region.
+        b[48..52].copy_from_slice(&0x10000u32.to_le_bytes());
+        b[52..56].copy_from_slice(&(MAX_ITEM + 1).to_le_bytes());
+        assert!(matches!(parse_table(&b, 1 << 40), Err(Error::Item { .. })));
+        // More entries than the table can hold.
+        b[10..12].copy_from_slice(&(MAX_ENTRIES + 1).to_le_bytes());
+        assert!(matches!(parse_table(&b, 1 << 40), Err(Error::TooMany { count: 2048, .. })));
     }
 
     #[test]

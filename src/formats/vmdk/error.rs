@@ -74,6 +74,12 @@ pub enum Error {
     FlatExtentShort { file_len: u64, descriptor: String, sectors: u64, start_sector: u64, need: u64 },
     #[error("sparse extent holds {capacity} sectors but {descriptor} declares {sectors}")]
     SparseExtentShort { capacity: u64, descriptor: String, sectors: u64 },
+    /// An extent found by its file name somewhere other than where the descriptor names it,
+    /// whose header's capacity is not exactly the line's: another disk's file of that name.
+    #[error(
+        "found {by}, and its header says {capacity} sectors where {descriptor} declares {sectors}: not this disk's extent"
+    )]
+    ExtentElsewhereMismatch { by: &'static str, capacity: u64, descriptor: String, sectors: u64 },
     #[error("{what} has bad magic {found:02x?}")]
     BadMagic { what: &'static str, found: Vec<u8> },
     #[error("this sparse extent is itself a descriptor of other extents (nested descriptors are not supported)")]
@@ -131,6 +137,8 @@ pub enum Error {
     SeSparseZeroField,
     #[error("SESparse grain directory holds {entries} entries but {sectors} sectors need {needed}")]
     SeSparseDirectoryShort { entries: u64, sectors: u64, needed: u64 },
+    #[error("SESparse const header field {field} is {value:#x} sectors, beyond any file")]
+    SeSparseFieldTooLarge { field: &'static str, value: u64 },
     #[error("SESparse volatile header at {at:#x}, past the end of the file ({file_len:#x})")]
     VolatileHeaderPastEnd { at: u64, file_len: u64 },
     #[error(
@@ -143,6 +151,14 @@ pub enum Error {
     // The grain directory and grain tables.
     #[error("grain directory at {at:#x} ({entries} entries, {bytes} bytes), past the end of the file ({file_len:#x})")]
     DirectoryPastEnd { at: u64, entries: u64, bytes: u64, file_len: u64 },
+    #[error(
+        "grain directory of {entries} entries: vdiskfs reads at most {max} (a 64 TiB disk in 4 KiB grains with 512-entry tables)"
+    )]
+    DirectoryTooLarge { entries: u64, max: u64 },
+    #[error(
+        "grain tables overlap: the grain directory names more than {limit} bytes of tables in a file of {file_len} bytes"
+    )]
+    TablesOverlap { limit: u64, file_len: u64 },
     #[error("grain directory entry {table} is invalid ({value:#018x})")]
     BadDirectoryEntry { table: u64, value: u64 },
     #[error("grain directory entry {table} names grain table {slot}, but the table region holds {slots}")]
@@ -196,6 +212,7 @@ impl ErrorKind for Error {
         use Error::*;
         match self {
             ExtentRefused { .. } => Kind::Denied,
+            ExtentElsewhereMismatch { .. } => Kind::Mismatch,
             ExtentNotFound { .. } => Kind::NotFound,
             BareCowd { .. }
             | BareSeSparse { .. }
@@ -217,7 +234,8 @@ impl ErrorKind for Error {
             | SeSparseFlags(_)
             | SeSparseReserved
             | SeSparseJournal
-            | SeSparseVolatilePadding => Kind::Unsupported,
+            | SeSparseVolatilePadding
+            | DirectoryTooLarge { .. } => Kind::Unsupported,
             DescriptorTooLarge { .. }
             | EmbeddedDescriptorPastEnd { .. }
             | NoCreateType
@@ -243,6 +261,8 @@ impl ErrorKind for Error {
             | CowdDirectoryInHeader(_)
             | SeSparseZeroField
             | SeSparseDirectoryShort { .. }
+            | SeSparseFieldTooLarge { .. }
+            | TablesOverlap { .. }
             | VolatileHeaderPastEnd { .. }
             | DirectoryPastEnd { .. }
             | BadDirectoryEntry { .. }

@@ -193,14 +193,34 @@ impl<'a> ExtentFiles<'a> {
             return Ok(mk(None, ExtentData::Zero));
         };
         let (loc, src, found) = self.resolve(i, file)?;
-        let data = self.data(i as u32, line, src).map_err(|e| e.in_file(&loc))?;
+        let elsewhere = (!found.as_stored()).then_some(found);
+        let data = self.data(i as u32, line, src, elsewhere.as_ref()).map_err(|e| e.in_file(&loc))?;
+        if let Some(by) = &elsewhere {
+            let size = match &data {
+                ExtentData::Flat { src, .. } => src.len().map(|l| format!("; it holds {l} bytes")).unwrap_or_default(),
+                _ => String::new(),
+            };
+            log::warn!(
+                "{}: extent {i} '{file}' found {}: {loc}{size}; only its size ties it to this descriptor",
+                self.desc,
+                by.describe()
+            );
+        }
         let mut e = mk(Some(loc), data);
-        e.found = (!found.as_stored()).then_some(found);
+        e.found = elsewhere;
         Ok(e)
     }
 
-    /// What the bytes of extent `id`, in `src`, are.
-    fn data(&self, id: u32, line: &ExtentLine, src: Arc<dyn Source>) -> Result<ExtentData> {
+    /// What the bytes of extent `id`, in `src`, are. `elsewhere` says how the file was found
+    /// when it was not where the line names it: a sparse header's capacity must then equal the
+    /// line's, the one fact that can tie an extent to its descriptor.
+    fn data(
+        &self,
+        id: u32,
+        line: &ExtentLine,
+        src: Arc<dyn Source>,
+        elsewhere: Option<&FoundBy>,
+    ) -> Result<ExtentData> {
         let sparse = |map, header| Ok(ExtentData::Sparse(Box::new(SparseExtent { map, header })));
         match line.kind {
             ExtentType::Zero => Ok(ExtentData::Zero),
@@ -210,7 +230,7 @@ impl<'a> ExtentFiles<'a> {
                 let head = src.read_vec(0, flen.min(cowd::HEADER_LEN as u64) as usize)?;
                 if head.starts_with(cowd::MAGIC) {
                     let h = cowd::Header::parse(&head)?;
-                    self.check_capacity(h.sectors, line)?;
+                    self.check_capacity(h.sectors, line, elsewhere)?;
                     return sparse(cowd_map(src, &h, line.sectors * SECTOR, id, &self.tables)?, SparseHeader::Cowd(h));
                 }
                 if !head.starts_with(hosted::MAGIC) {
@@ -222,7 +242,7 @@ impl<'a> ExtentFiles<'a> {
                 if h.capacity == 0 && h.desc_offset != 0 {
                     return Err(Error::NestedDescriptor.into());
                 }
-                self.check_capacity(h.capacity, line)?;
+                self.check_capacity(h.capacity, line, elsewhere)?;
                 let map = hosted_map(src, &h, line.sectors * SECTOR, id, &self.tables)?;
                 sparse(map, SparseHeader::Hosted { header: h, footer })
             }
@@ -234,7 +254,7 @@ impl<'a> ExtentFiles<'a> {
                     return Err(Error::VolatileHeaderPastEnd { at: vo, file_len: flen }.into());
                 }
                 sesparse::check_volatile(&src.read_vec(vo, 512)?)?;
-                self.check_capacity(h.capacity, line)?;
+                self.check_capacity(h.capacity, line, elsewhere)?;
                 let map = sesparse_map(src, &h, line.sectors * SECTOR, id, &self.tables)?;
                 sparse(map, SparseHeader::SeSparse(h))
             }
@@ -259,8 +279,22 @@ impl<'a> ExtentFiles<'a> {
         Ok(ExtentData::Flat { src, offset })
     }
 
-    /// A sparse extent must hold at least as many sectors as its descriptor line claims.
-    fn check_capacity(&self, capacity: u64, line: &ExtentLine) -> Result<(), Error> {
+    /// A sparse extent must hold at least as many sectors as its descriptor line claims, and
+    /// exactly as many when it was found by file name elsewhere; never more than 64 TiB.
+    fn check_capacity(&self, capacity: u64, line: &ExtentLine, elsewhere: Option<&FoundBy>) -> Result<(), Error> {
+        if capacity.checked_mul(SECTOR).is_none_or(|b| b > super::MAX_SIZE) {
+            return Err(Error::CapacityTooLarge(capacity));
+        }
+        if let Some(by) = elsewhere
+            && capacity != line.sectors
+        {
+            return Err(Error::ExtentElsewhereMismatch {
+                by: by.describe(),
+                capacity,
+                descriptor: self.desc.file_name(),
+                sectors: line.sectors,
+            });
+        }
         if capacity < line.sectors {
             return Err(Error::SparseExtentShort {
                 capacity,

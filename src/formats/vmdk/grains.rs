@@ -14,6 +14,14 @@ use crate::source::Source;
 
 /// Grain directory pages kept per extent (64 KiB each).
 const GD_PAGES: usize = 8;
+/// Grain directory entries per extent: the directory is read and checked at open, so this
+/// bounds that pass (128 MiB of u32 entries, 256 MiB of SESparse u64 ones) whatever the header
+/// claims. A 64 TiB disk with 4 KiB grains and 512-entry tables needs exactly this many.
+pub const MAX_GD_ENTRIES: u64 = 1 << 25;
+/// Bytes of grain tables a full validation may read beyond the file's own length: a file's
+/// tables do not overlap, so they total at most its length (plus tables shared by consecutive
+/// directory entries, read once).
+const TABLES_SLACK: u64 = 16 << 20;
 /// Locks each of a layer's buffer caches is spread over.
 const CACHE_SHARDS: usize = 8;
 
@@ -86,6 +94,9 @@ impl GrainMap {
         tables: Arc<BufferCache>,
     ) -> Result<GrainMap> {
         let file_len = src.len()?;
+        if gd_entries > MAX_GD_ENTRIES {
+            return Err(Error::DirectoryTooLarge { entries: gd_entries, max: MAX_GD_ENTRIES }.into());
+        }
         let gd_bytes = gd_entries * Self::gd_entry_size(&flavor) as u64;
         if gd_offset.checked_add(gd_bytes).is_none_or(|e| e > file_len) || gd_offset == 0 {
             return Err(
@@ -126,12 +137,16 @@ impl GrainMap {
                 Some(Ok(i)) if i >= gt_slots => {
                     return Err(Error::TableSlotOutOfRegion { table: t, slot: i, slots: gt_slots });
                 }
-                Some(Ok(i)) => gt_offset + i * self.table_bytes(),
+                Some(Ok(i)) => i.checked_mul(self.table_bytes()).and_then(|o| o.checked_add(gt_offset)),
             },
             _ if e == 0 => return Ok(None),
-            _ => e * 512,
+            _ => Some(e * 512),
         };
-        if at.checked_add(self.table_bytes()).is_none_or(|end| end > self.file_len) {
+        let end = at.and_then(|at| at.checked_add(self.table_bytes()));
+        let (Some(at), Some(end)) = (at, end) else {
+            return Err(Error::TablePastEnd { table: t, at: u64::MAX, file_len: self.file_len });
+        };
+        if end > self.file_len {
             return Err(Error::TablePastEnd { table: t, at, file_len: self.file_len });
         }
         Ok(Some(at))
@@ -140,7 +155,7 @@ impl GrainMap {
     /// Decodes entry `k` of table `t` (raw value `e`), checking it against the file.
     fn decode(&self, t: u64, k: u64, e: u64) -> Result<Grain, Error> {
         let g = t * self.per_table + k;
-        let need = self.grain.min(self.extent_bytes.saturating_sub(g * self.grain));
+        let need = self.grain.min(self.extent_bytes.saturating_sub(g.saturating_mul(self.grain)));
         let in_file = |off: u64, n: u64| -> Result<u64, Error> {
             if off.checked_add(n).is_none_or(|end| end > self.file_len) {
                 return Err(Error::GrainPastEnd { table: t, entry: k, grain: g, at: off, file_len: self.file_len });
@@ -283,13 +298,30 @@ impl GrainMap {
     }
 
     /// Reads and validates every grain table (without filling the cache); returns the number of
-    /// allocated grains.
+    /// allocated grains. The tables read total at most the file's length plus
+    /// [`TABLES_SLACK`]: directory entries naming overlapping tables again and again (which
+    /// could make this read the same table billions of times) are refused. Consecutive entries
+    /// naming one table (a shared all-empty table) read it once.
     pub fn validate_tables(&self) -> Result<u64> {
-        let mut allocated = 0;
+        let limit = self.file_len.saturating_add(TABLES_SLACK);
+        let (mut allocated, mut read) = (0u64, 0u64);
+        let mut last: Option<(u64, u64)> = None;
         // for_each holds no lock and reads the directory page by page: memory stays bounded.
         self.gd.for_each(|t, e| {
-            if let Some(at) = self.table_offset(t, e)? {
-                allocated += self.load(t, at)?.1;
+            let Some(at) = self.table_offset(t, e)? else { return Ok(()) };
+            // A whole table of whole grains validates alike wherever it is used.
+            let whole = (t + 1) * self.per_table * self.grain <= self.extent_bytes;
+            match last {
+                Some((last_at, n)) if last_at == at && whole => allocated += n,
+                _ => {
+                    read += self.table_bytes();
+                    if read > limit {
+                        return Err(Error::TablesOverlap { limit, file_len: self.file_len }.into());
+                    }
+                    let n = self.load(t, at)?.1;
+                    allocated += n;
+                    last = whole.then_some((at, n));
+                }
             }
             Ok(())
         })?;
@@ -326,6 +358,40 @@ mod tests {
         assert_eq!(m.run(3072, 8192).unwrap(), (Grain::Zero, 1024));
         assert_eq!(m.run(0, 100).unwrap(), (Grain::Data(2048), 100));
         assert_eq!(m.validate_tables().unwrap(), 2);
+    }
+
+    #[test]
+    fn directories_larger_than_the_bound_are_refused_before_any_read() {
+        let src = Arc::new(MemSource::new("h.vmdk", vec![0u8; 4096]));
+        let flavor = Flavor::Hosted { zero_grain: false, compressed: false };
+        let tables = Arc::new(buffer_cache(1 << 20));
+        // 2^62 entries would overflow the directory's byte size (4 bytes each) as well.
+        for entries in [MAX_GD_ENTRIES + 1, 1 << 62, u64::MAX] {
+            let e = GrainMap::new(src.clone(), flavor, 512, 1, u64::MAX, 512, entries, 0, tables.clone()).unwrap_err();
+            assert!(e.to_string().contains("vdiskfs reads at most 33554432"), "{e}");
+        }
+    }
+
+    #[test]
+    fn validating_tables_reads_no_more_than_the_file_holds() {
+        // 4096 directory entries naming two 16 KiB tables in turn: 64 MiB of reads from a file
+        // of 64 KiB. The same two tables named by runs of consecutive entries read each once.
+        let mut f = vec![0u8; 64 << 10];
+        let map = |f: &[u8], alternate: bool| {
+            let mut f = f.to_vec();
+            for t in 0..4096u32 {
+                let sector = if alternate { 64 + (t % 2) * 32 } else { 64 + (t / 2048) * 32 };
+                f[512 + 4 * t as usize..516 + 4 * t as usize].copy_from_slice(&sector.to_le_bytes());
+            }
+            let src = Arc::new(MemSource::new("h.vmdk", f));
+            let flavor = Flavor::Hosted { zero_grain: false, compressed: false };
+            GrainMap::new(src, flavor, 512, 4096, 4096 * 4096 * 512, 512, 4096, 0, Arc::new(buffer_cache(1 << 20)))
+                .unwrap()
+        };
+        f[49152..49156].copy_from_slice(&90u32.to_le_bytes()); // one allocated grain in the second table
+        let e = map(&f, true).validate_tables().unwrap_err();
+        assert!(e.to_string().contains("grain tables overlap"), "{e}");
+        assert_eq!(map(&f, false).validate_tables().unwrap(), 2048, "runs of one table read it once");
     }
 
     #[test]

@@ -22,6 +22,8 @@ use super::hosted::check_grain;
 pub const CONST_MAGIC: u64 = 0xcafe_babe;
 pub const VOLATILE_MAGIC: u64 = 0xcafe_cafe;
 pub const VERSION: u64 = 0x0000_0002_0000_0001;
+/// Sectors a region may end at: 2^54 sectors are 8 EiB, so byte offsets never wrap.
+const MAX_SECTORS: u64 = 1 << 54;
 
 /// The constant header. Offsets and sizes are in sectors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,6 +80,19 @@ impl ConstHeader {
         }
         if h.capacity == 0 || h.gd_offset == 0 || h.gt_offset == 0 || h.grains_offset == 0 {
             return Err(Error::SeSparseZeroField);
+        }
+        // Every region's end, in bytes, must be a number: no offset arithmetic can wrap then.
+        let regions = [
+            ("capacity", h.capacity, 0),
+            ("volatile header", h.volatile_offset, 1),
+            ("grain directory", h.gd_offset, h.gd_size),
+            ("grain tables", h.gt_offset, h.gt_size),
+            ("grains", h.grains_offset, h.grains_size),
+        ];
+        for (field, offset, size) in regions {
+            if offset.checked_add(size).is_none_or(|end| end > MAX_SECTORS) {
+                return Err(Error::SeSparseFieldTooLarge { field, value: offset.saturating_add(size) });
+            }
         }
         let needed = h.capacity.div_ceil(h.grain * h.entries_per_table());
         if h.gd_size * 512 / 8 < needed {
@@ -200,6 +215,17 @@ mod tests {
         let mut b = esxi_header();
         b[300] = 1;
         assert!(ConstHeader::parse(&b).unwrap_err().to_string().contains("padding"));
+    }
+
+    #[test]
+    fn offsets_whose_bytes_would_not_fit_in_64_bits_are_refused() {
+        // gt_offset * 512 and gd_size * 512 used to wrap (or panic with overflow checks).
+        for (field, i) in [("grain tables", 18), ("grain directory", 17), ("grains", 24), ("volatile header", 10)] {
+            let mut b = esxi_header();
+            b[i * 8..i * 8 + 8].copy_from_slice(&(u64::MAX / 3).to_le_bytes());
+            let e = ConstHeader::parse(&b).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains("beyond any file"), "{e}");
+        }
     }
 
     #[test]

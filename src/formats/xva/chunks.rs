@@ -440,6 +440,20 @@ mod tests {
     }
 
     #[test]
+    fn a_chunk_size_over_the_bound_is_refused_before_anything_is_read() {
+        // A tar header can claim any member size; the chunk size is taken from the first chunk.
+        let huge = MAX_UNIT + 1;
+        let e = place(
+            &members(&[("Ref:3/00000000", huge), ("Ref:3/00000000.xxhash", 16)]),
+            &[("Ref:3".into(), 4 * huge)],
+            true,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ChunkError::ChunkSizeTooLarge { unit, .. } if unit == huge), "{e}");
+        assert!(e.to_string().contains("Ref:3"), "{e}");
+    }
+
+    #[test]
     fn checksum_texts_parse_strictly() {
         assert_eq!(
             ChunkChecksum::parse("xxhash", b"EF46DB3751D8E999").unwrap(),

@@ -8,7 +8,10 @@
 //! does not check out is ignored and rebuilt. It is written under a temporary name of its own
 //! (`<name>.tmp-<pid>-<n>`, created new and private by [`create_private_file`], so a file or
 //! symlink someone placed at that name is never written through) and renamed; it is read back
-//! without following a symlink. Older indexes of the same inode are removed.
+//! without following a symlink, and only when it is this user's file that no one else may write.
+//! A cache directory that another user owns or others may write to is not used at all (a
+//! warning says so, and the index is built in memory). Older indexes of the same inode are
+//! removed.
 
 use std::fs::File;
 use std::io::Write;
@@ -21,11 +24,17 @@ use super::compressed::{self, Codec};
 use super::restart::{MAX_STORED_WINDOW, Recorder, RestartPoint, WindowStore};
 use super::tar::{self, End, Input, Member};
 use crate::error::{Error as CrateError, Result};
-use crate::gate::{create_private_file, open_private_file};
+use crate::gate::{create_private_file, open_private_file, private_dir_problem};
 use crate::progress::Progress;
 use crate::source::{FileId, Source};
 
 const MAGIC: &[u8; 8] = b"VDXVAIX1";
+/// Members an index holds: each costs about 100 to 150 bytes (its name, offset, size and a
+/// checksum's text), and a tar header is 512 bytes that compress to almost nothing, so a few MB
+/// of gzip could otherwise claim gigabytes of index. 2^22 members are the chunks and checksums
+/// of 2 TiB of disk data in xapi's 1 MiB chunks (xapi's largest VDI on VHD-based storage), in at
+/// most about 600 MiB.
+pub const MAX_MEMBERS: usize = 1 << 22;
 /// Temporary names tried before giving up on writing the index.
 const TMP_ATTEMPTS: u32 = 8;
 
@@ -59,6 +68,18 @@ fn tmp_name(name: &str, attempt: u32) -> String {
 
 /// Loads the cached index of `src`, or builds (and caches) it.
 pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>, progress: &dyn Progress) -> Result<Index> {
+    // An index is read back and trusted for where the data lies: it is kept only in a directory
+    // no one else may write to.
+    let cache_dir = cache_dir.filter(|dir| match private_dir_problem(dir) {
+        None => true,
+        Some(why) => {
+            log::warn!(
+                "cache directory {} {why}: XVA indexes are not kept there (each open builds one in memory); give --cache-dir a directory of your own that only you may write",
+                dir.display()
+            );
+            false
+        }
+    });
     let place = cache_dir.zip(src.id()).map(|(dir, id)| (dir, id, index_name(&id)));
     if let Some((dir, id, name)) = &place
         && let Some(ix) = load(dir, name, id)
@@ -78,7 +99,7 @@ pub fn open(src: &Arc<dyn Source>, codec: Codec, cache_dir: Option<&Path>, progr
         None => Recorder::memory(),
     };
     // The windows are read through the recorder's handle on the file, renamed or not.
-    let mut ix = build(src, codec, rec, progress)?;
+    let mut ix = build(src, codec, rec, progress, MAX_MEMBERS)?;
     if let (Some((tmp, f)), Some((dir, id, name))) = (tmp, place) {
         match save(&f, dir, &tmp, &name, &id, &ix) {
             Ok(()) => ix.cached = Some(dir.join(name)),
@@ -105,13 +126,23 @@ fn create_tmp(dir: &Path, name: &str) -> std::io::Result<(String, File)> {
     }
 }
 
-fn build(src: &Arc<dyn Source>, codec: Codec, rec: Recorder, progress: &dyn Progress) -> Result<Index> {
+/// The index pass, keeping at most `max_members` members.
+fn build(
+    src: &Arc<dyn Source>,
+    codec: Codec,
+    rec: Recorder,
+    progress: &dyn Progress,
+    max_members: usize,
+) -> Result<Index> {
     let len = src.len()?;
     let what = if codec == Codec::Plain { "indexing" } else { "indexing (decompressing)" };
     progress.start(&format!("{} {what}", src.location().file_name()), len);
     let tick = |at: u64| progress.set(at);
     let mut members = Vec::new();
     let mut push = |m: Member| {
+        if members.len() >= max_members {
+            return Err(Error::TooManyMembers { member: m.name, max: max_members }.into());
+        }
         members.push(m);
         Ok(())
     };
@@ -272,7 +303,10 @@ fn decode(r: &mut FieldReader, id: &FileId) -> Option<Index> {
     let end = if r.u8()? == 1 { End::Marker } else { End::Eof };
     let total = r.u64()?;
     let n = r.u64()?;
-    let mut members = Vec::with_capacity(n.min(1 << 24) as usize);
+    if n > MAX_MEMBERS as u64 {
+        return None;
+    }
+    let mut members = Vec::with_capacity(n as usize);
     for _ in 0..n {
         let nl = r.u64()?;
         let name = String::from_utf8(r.bytes(nl)?.to_vec()).ok()?;
@@ -329,6 +363,17 @@ mod tests {
         gz.write_all(&b.to_bytes()).unwrap();
         let id = FileId { dev: 1, ino: 2, size: 3, mtime_ns: 4 };
         Arc::new(WithId(MemSource::new("vm.xva", gz.finish().unwrap()), id))
+    }
+
+    #[test]
+    fn an_archive_of_more_members_than_the_bound_is_refused_while_indexing() {
+        // 3 MiB in 1 MiB chunks: ova.xml, then 3 chunks and 3 checksums.
+        let src = archive();
+        let rec = || Recorder::memory();
+        assert_eq!(build(&src, Codec::Gzip, rec(), &crate::progress::Silent, 7).unwrap().members.len(), 7);
+        let e = build(&src, Codec::Gzip, rec(), &crate::progress::Silent, 6).unwrap_err();
+        assert_eq!(e.kind(), crate::error::Kind::Unsupported);
+        assert!(e.to_string().contains("more than 6 tar members"), "{e}");
     }
 
     #[test]

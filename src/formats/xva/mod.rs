@@ -19,7 +19,8 @@
 //! A chunk's checksum is verified the first time any part of it is read and remembered; a
 //! mismatch gives EIO and a log line naming the archive and the member (`--no-verify` skips).
 //!
-//! Memory is bounded whatever the archive claims: `ova.xml` at [`MAX_OVA_XML`], a disk's
+//! Memory is bounded whatever the archive claims: the member index at [`index::MAX_MEMBERS`]
+//! members, `ova.xml` at [`MAX_OVA_XML`], a disk's
 //! `virtual_size` at [`MAX_VIRTUAL_SIZE`], the chunk size at [`chunks::MAX_UNIT`], verified
 //! chunks kept per disk at [`disk::RECENT_BYTES`] (a chunk larger than [`disk::MAX_KEPT_CHUNK`]
 //! is verified piece by piece and never held whole), decoded blocks per compressed archive at
@@ -83,6 +84,12 @@ pub enum Error {
     OvaXmlNotFirst { first: String },
     #[error("ova.xml: missing: the archive has no members")]
     NoMembers,
+    /// `member` is the first member over the bound.
+    #[error(
+        "{member}: more than {max} tar members (the chunks and checksums of {} TiB of disk data in 1 MiB chunks); vdiskfs indexes at most that many",
+        (*.max as u64) >> 21
+    )]
+    TooManyMembers { member: String, max: usize },
     #[error("ova.xml: {size} bytes, too large")]
     OvaXmlTooLarge { size: u64 },
     #[error("ova.xml: not UTF-8 text")]
@@ -132,7 +139,8 @@ impl ErrorKind for Error {
             | Error::XmlNotXva
             | Error::PreTarLayout { .. }
             | Error::Appliance
-            | Error::VirtualSizeTooLarge { .. } => Kind::Unsupported,
+            | Error::VirtualSizeTooLarge { .. }
+            | Error::TooManyMembers { .. } => Kind::Unsupported,
             Error::NoDisks => Kind::NotFound,
             Error::AfterTar(e) => e.kind(),
             Error::OvaXmlNotFirst { .. }

@@ -3,6 +3,7 @@
 //! their output in the test suite so that writer and reader cannot share a misunderstanding.
 //! Not used by the daemon.
 
+pub mod faultfs;
 pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
