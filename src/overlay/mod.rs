@@ -26,13 +26,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::MmapMut;
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, ErrorKind, Kind, Result};
 
+mod checkpoint;
+mod file;
 mod header;
+mod write;
 
+pub use self::file::OverlayFile;
 pub use self::header::OverlayHeader;
 use self::header::{HEADER, PAGE};
 
@@ -127,7 +131,7 @@ impl ClusterState {
 #[derive(Debug)]
 pub struct Overlay {
     path: PathBuf,
-    file: File,
+    file: Box<dyn OverlayFile>,
     header: OverlayHeader,
     /// Private (copy-on-write) mapping of the map region: changes stay in memory until a checkpoint.
     map: MmapMut,
@@ -188,6 +192,19 @@ fn create(file: &File, path: &Path, cluster: u64, virtual_size: u64, identity: &
 impl Overlay {
     /// Creates FILE for a chain, or reattaches it. Refuses an overlay made for another chain.
     pub fn attach(path: &Path, virtual_size: u64, identity: &str, cluster: u64, writable: bool) -> Result<Overlay> {
+        Self::attach_with(path, virtual_size, identity, cluster, writable, |f| Box::new(f))
+    }
+
+    /// [`Overlay::attach`], with the opened (and locked) file wrapped by `wrap` before the
+    /// overlay uses it: tests record or fail what the overlay does to its file this way.
+    pub fn attach_with(
+        path: &Path,
+        virtual_size: u64,
+        identity: &str,
+        cluster: u64,
+        writable: bool,
+        wrap: impl FnOnce(File) -> Box<dyn OverlayFile>,
+    ) -> Result<Overlay> {
         let in_file = |e: OverlayError| Error::from(e).in_file(path.display());
         if !writable && !path.exists() {
             return Err(in_file(OverlayError::NotFound));
@@ -217,11 +234,10 @@ impl Overlay {
             }
             h
         };
-        // SAFETY: a private mapping of a file we hold a lock on; changes never reach the file
-        // through the mapping (they are written explicitly at checkpoints).
-        let map =
-            unsafe { MmapOptions::new().offset(header.map_offset).len(header.map_bytes as usize).map_copy(&file) }
-                .map_err(|e| io(path, "mapping overlay map", e))?;
+        let file = wrap(file);
+        let map = file
+            .map_private(header.map_offset, header.map_bytes as usize)
+            .map_err(|e| io(path, "mapping overlay map", e))?;
         let ov = Overlay {
             path: path.to_path_buf(),
             file,
@@ -297,7 +313,7 @@ impl Overlay {
     /// Reads overlay data (state `Data`) at virtual `offset`.
     pub fn read_data(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.file
-            .read_exact_at(buf, self.header.data_offset + offset)
+            .read_at(buf, self.header.data_offset + offset)
             .map_err(|e| io(&self.path, &format!("reading overlay data at virtual {offset:#x}"), e))
     }
 
@@ -309,168 +325,6 @@ impl Overlay {
             return Err(Error::from(OverlayError::CheckpointFailed).in_file(self.path.display()));
         }
         Ok(())
-    }
-
-    /// Locks the stripes of clusters `first..=last` in a fixed order.
-    fn lock_clusters(&self, first: u64, last: u64) -> Vec<parking_lot::MutexGuard<'_, ()>> {
-        let mut idx: Vec<usize> =
-            (first..=last.min(first + STRIPES as u64)).map(|c| (c % STRIPES as u64) as usize).collect();
-        idx.sort_unstable();
-        idx.dedup();
-        idx.into_iter().map(|i| self.stripes[i].lock()).collect()
-    }
-
-    /// Writes `data` at virtual `offset`. `fill` reads the chain's bytes for read-modify-write.
-    pub fn write(&self, offset: u64, data: &[u8], fill: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<()> {
-        self.check_writable()?;
-        let end = offset + data.len() as u64;
-        if end > self.header.virtual_size {
-            return Err(OverlayError::WritePastEnd.into());
-        }
-        if data.is_empty() {
-            return Ok(());
-        }
-        let cl = self.header.cluster;
-        let _epoch = self.epoch.read();
-        let _locks = self.lock_clusters(offset / cl, (end - 1) / cl);
-        let mut pos = offset;
-        while pos < end {
-            let c = pos / cl;
-            let cstart = c * cl;
-            let cend = (cstart + cl).min(self.header.virtual_size);
-            let wend = end.min(cend);
-            let piece = &data[(pos - offset) as usize..(wend - offset) as usize];
-            let whole = pos == cstart && wend == cend;
-            match self.state(c) {
-                ClusterState::Data => self.put(pos, piece)?,
-                // A punched cluster reads zeros from the file: a partial write needs no fill.
-                ClusterState::Zero => {
-                    self.put(pos, piece)?;
-                    self.set_state(c, ClusterState::Data);
-                }
-                ClusterState::Chain if whole => {
-                    self.put(pos, piece)?;
-                    self.set_state(c, ClusterState::Data);
-                }
-                ClusterState::Chain => {
-                    let mut buf = vec![0u8; (cend - cstart) as usize];
-                    fill(cstart, &mut buf)?;
-                    buf[(pos - cstart) as usize..(wend - cstart) as usize].copy_from_slice(piece);
-                    self.put(cstart, &buf)?;
-                    self.set_state(c, ClusterState::Data);
-                }
-                ClusterState::Invalid => {
-                    return Err(Error::from(OverlayError::InvalidCluster(c)).in_file(self.path.display()));
-                }
-            }
-            pos = wend;
-        }
-        Ok(())
-    }
-
-    fn put(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(data, self.header.data_offset + offset)
-            .map_err(|e| io(&self.path, &format!("writing overlay data at virtual {offset:#x}"), e))
-    }
-
-    /// Makes `[offset, offset + len)` read as zeros; whole clusters are punched out of the file.
-    pub fn discard(&self, offset: u64, len: u64, fill: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<()> {
-        self.check_writable()?;
-        let end = offset.saturating_add(len).min(self.header.virtual_size);
-        if offset >= end {
-            return Ok(());
-        }
-        let cl = self.header.cluster;
-        let first_whole = offset.next_multiple_of(cl);
-        let last_whole = if end == self.header.virtual_size { end } else { end / cl * cl };
-        // Partial clusters at the edges become zeros through the write path.
-        let zero_edge = |from: u64, to: u64| -> Result<()> {
-            if from < to { self.write(from, &vec![0u8; (to - from) as usize], fill) } else { Ok(()) }
-        };
-        if first_whole >= last_whole {
-            return zero_edge(offset, end);
-        }
-        zero_edge(offset, first_whole)?;
-        zero_edge(last_whole, end)?;
-        let _epoch = self.epoch.read();
-        let (first, last) = (first_whole / cl, (last_whole - 1) / cl);
-        let mut c = first;
-        while c <= last {
-            let upto = (c + STRIPES as u64 - 1).min(last);
-            let _locks = self.lock_clusters(c, upto);
-            for k in c..=upto {
-                if self.state(k) != ClusterState::Zero {
-                    self.set_state(k, ClusterState::Zero);
-                }
-            }
-            c = upto + 1;
-        }
-        let at = self.header.data_offset + first_whole;
-        let n = last_whole - first_whole;
-        // SAFETY: fallocate on an owned descriptor.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                at as libc::off_t,
-                n as libc::off_t,
-            )
-        };
-        if r != 0 {
-            // The map already says zeros; without a hole the stale bytes would only waste space,
-            // but a later partial write relies on the hole reading zeros: write them.
-            let e = std::io::Error::last_os_error();
-            log::warn!("{}: punching a hole failed ({e}); writing zeros instead", self.path.display());
-            let zeros = vec![0u8; (cl as usize).min(n as usize)];
-            let mut p = first_whole;
-            while p < last_whole {
-                let k = (last_whole - p).min(zeros.len() as u64) as usize;
-                self.put(p, &zeros[..k])?;
-                p += k as u64;
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes every write so far durable (see the module doc for the ordering).
-    pub fn checkpoint(&self) -> Result<()> {
-        if !self.writable {
-            return Ok(());
-        }
-        // Phase 1, without blocking writers: flush the bulk of the dirty data, again while writers
-        // keep it slow, so that phase 2 has little left.
-        for _ in 0..4 {
-            let t = std::time::Instant::now();
-            self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay data", e))?;
-            if t.elapsed() < std::time::Duration::from_millis(50) {
-                break;
-            }
-        }
-        // Phase 2, exclusive: flush what arrived meanwhile, then the map, in that order.
-        let _epoch = self.epoch.write();
-        let pages: Vec<u64> = std::mem::take(&mut *self.dirty.lock()).into_iter().collect();
-        let r = (|| {
-            self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay data", e))?;
-            if pages.is_empty() {
-                return Ok(());
-            }
-            for p in &pages {
-                let s = (p * PAGE) as usize;
-                let e = (s + PAGE as usize).min(self.map.len());
-                self.file
-                    .write_all_at(&self.map[s..e], self.header.map_offset + s as u64)
-                    .map_err(|e| io(&self.path, "writing overlay map", e))?;
-            }
-            self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay map", e))
-        })();
-        if let Err(e) = &r {
-            // The durable state is unknown from here on: stop taking writes rather than promise.
-            self.failed.store(true, Ordering::Release);
-            self.dirty.lock().extend(pages);
-            log::error!("{e}");
-        }
-        r
     }
 
     /// True when map changes wait for a checkpoint.
@@ -506,66 +360,4 @@ impl Drop for Overlay {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fill_pattern(off: u64, buf: &mut [u8]) -> Result<()> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = ((off + i as u64) % 251) as u8;
-        }
-        Ok(())
-    }
-
-    fn read(ov: &Overlay, off: u64, len: u64) -> Vec<u8> {
-        let mut out = vec![0u8; len as usize];
-        for r in ov.runs(off, len) {
-            let b = &mut out[(r.start - off) as usize..(r.start - off + r.len) as usize];
-            match r.state {
-                ClusterState::Chain => fill_pattern(r.start, b).unwrap(),
-                ClusterState::Data => ov.read_data(r.start, b).unwrap(),
-                ClusterState::Zero => b.fill(0),
-                ClusterState::Invalid => panic!("invalid"),
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn small_writes_merge_with_the_chain_and_survive_reattach() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("o.ovl");
-        let size = 1 << 20;
-        let mut model = vec![0u8; size as usize];
-        fill_pattern(0, &mut model).unwrap();
-        {
-            let ov = Overlay::attach(&p, size, "id", 4096, true).unwrap();
-            ov.write(1000, &[7u8; 512], &fill_pattern).unwrap();
-            model[1000..1512].fill(7);
-            ov.discard(8192, 3 * 4096 + 100, &fill_pattern).unwrap();
-            model[8192..8192 + 3 * 4096 + 100].fill(0);
-            ov.write(8192 + 4096 + 10, &[9u8; 20], &fill_pattern).unwrap();
-            model[8192 + 4096 + 10..8192 + 4096 + 30].fill(9);
-            assert_eq!(read(&ov, 0, size), model);
-            ov.checkpoint().unwrap();
-        }
-        let ov = Overlay::attach(&p, size, "id", 4096, true).unwrap();
-        assert_eq!(read(&ov, 0, size), model);
-        assert!(Overlay::attach(&t.path().join("o2"), size, "id", 4096, true).is_ok());
-        drop(ov);
-        let e = Overlay::attach(&p, size, "other", 4096, true).unwrap_err();
-        assert!(e.to_string().contains("different disk"), "{e}");
-    }
-
-    #[test]
-    fn unsynced_map_changes_are_not_in_the_file() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("o.ovl");
-        let ov = Overlay::attach(&p, 1 << 20, "id", 4096, true).unwrap();
-        ov.write(0, &[1u8; 4096], &fill_pattern).unwrap();
-        let on_disk = std::fs::read(&p).unwrap();
-        assert_eq!(on_disk[HEADER as usize], 0, "the map reaches the file only at a checkpoint");
-        ov.checkpoint().unwrap();
-        assert_eq!(std::fs::read(&p).unwrap()[HEADER as usize], 1);
-        std::mem::forget(ov); // simulate a crash: no drop-time checkpoint
-    }
-}
+mod tests;

@@ -1,0 +1,120 @@
+//! Writes and discards: data first, then the cluster's state in the in-memory map.
+
+use parking_lot::MutexGuard;
+
+use super::{ClusterState, Overlay, OverlayError, STRIPES, io};
+use crate::error::{Error, Result};
+
+impl Overlay {
+    /// Locks the stripes of clusters `first..=last` in a fixed order.
+    fn lock_clusters(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> =
+            (first..=last.min(first + STRIPES as u64)).map(|c| (c % STRIPES as u64) as usize).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter().map(|i| self.stripes[i].lock()).collect()
+    }
+
+    /// Writes `data` at virtual `offset`. `fill` reads the chain's bytes for read-modify-write.
+    pub fn write(&self, offset: u64, data: &[u8], fill: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<()> {
+        self.check_writable()?;
+        let end = offset + data.len() as u64;
+        if end > self.header.virtual_size {
+            return Err(OverlayError::WritePastEnd.into());
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let cl = self.header.cluster;
+        let _epoch = self.epoch.read();
+        let _locks = self.lock_clusters(offset / cl, (end - 1) / cl);
+        let mut pos = offset;
+        while pos < end {
+            let c = pos / cl;
+            let cstart = c * cl;
+            let cend = (cstart + cl).min(self.header.virtual_size);
+            let wend = end.min(cend);
+            let piece = &data[(pos - offset) as usize..(wend - offset) as usize];
+            let whole = pos == cstart && wend == cend;
+            match self.state(c) {
+                ClusterState::Data => self.put(pos, piece)?,
+                // A punched cluster reads zeros from the file: a partial write needs no fill.
+                ClusterState::Zero => {
+                    self.put(pos, piece)?;
+                    self.set_state(c, ClusterState::Data);
+                }
+                ClusterState::Chain if whole => {
+                    self.put(pos, piece)?;
+                    self.set_state(c, ClusterState::Data);
+                }
+                ClusterState::Chain => {
+                    let mut buf = vec![0u8; (cend - cstart) as usize];
+                    fill(cstart, &mut buf)?;
+                    buf[(pos - cstart) as usize..(wend - cstart) as usize].copy_from_slice(piece);
+                    self.put(cstart, &buf)?;
+                    self.set_state(c, ClusterState::Data);
+                }
+                ClusterState::Invalid => {
+                    return Err(Error::from(OverlayError::InvalidCluster(c)).in_file(self.path.display()));
+                }
+            }
+            pos = wend;
+        }
+        Ok(())
+    }
+
+    fn put(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file
+            .write_at(data, self.header.data_offset + offset)
+            .map_err(|e| io(&self.path, &format!("writing overlay data at virtual {offset:#x}"), e))
+    }
+
+    /// Makes `[offset, offset + len)` read as zeros; whole clusters are punched out of the file.
+    pub fn discard(&self, offset: u64, len: u64, fill: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<()> {
+        self.check_writable()?;
+        let end = offset.saturating_add(len).min(self.header.virtual_size);
+        if offset >= end {
+            return Ok(());
+        }
+        let cl = self.header.cluster;
+        let first_whole = offset.next_multiple_of(cl);
+        let last_whole = if end == self.header.virtual_size { end } else { end / cl * cl };
+        // Partial clusters at the edges become zeros through the write path.
+        let zero_edge = |from: u64, to: u64| -> Result<()> {
+            if from < to { self.write(from, &vec![0u8; (to - from) as usize], fill) } else { Ok(()) }
+        };
+        if first_whole >= last_whole {
+            return zero_edge(offset, end);
+        }
+        zero_edge(offset, first_whole)?;
+        zero_edge(last_whole, end)?;
+        let _epoch = self.epoch.read();
+        let (first, last) = (first_whole / cl, (last_whole - 1) / cl);
+        let mut c = first;
+        while c <= last {
+            let upto = (c + STRIPES as u64 - 1).min(last);
+            let _locks = self.lock_clusters(c, upto);
+            for k in c..=upto {
+                if self.state(k) != ClusterState::Zero {
+                    self.set_state(k, ClusterState::Zero);
+                }
+            }
+            c = upto + 1;
+        }
+        let at = self.header.data_offset + first_whole;
+        let n = last_whole - first_whole;
+        if let Err(e) = self.file.punch_hole(at, n) {
+            // The map already says zeros; without a hole the stale bytes would only waste space,
+            // but a later partial write relies on the hole reading zeros: write them.
+            log::warn!("{}: punching a hole failed ({e}); writing zeros instead", self.path.display());
+            let zeros = vec![0u8; (cl as usize).min(n as usize)];
+            let mut p = first_whole;
+            while p < last_whole {
+                let k = (last_whole - p).min(zeros.len() as u64) as usize;
+                self.put(p, &zeros[..k])?;
+                p += k as u64;
+            }
+        }
+        Ok(())
+    }
+}
