@@ -237,9 +237,14 @@ impl VdiskFs {
         }
     }
 
+    /// The disks' total size, and as free space what the overlays can still take (the least of
+    /// them; none when read-only, or when an overlay has failed).
     pub fn statfs(&self) -> Statfs {
         let total: u64 = self.disks.iter().map(|d| d.size()).sum();
-        Statfs { blocks: total.div_ceil(4096), bfree: 0, files: self.disks.len() as u64 + 1, bsize: 4096 }
+        let blocks = total.div_ceil(4096);
+        let overlays = self.disks.iter().map(|d| d.overlay().filter(|o| o.writable()).map_or(0, |o| o.available()));
+        let bfree = (overlays.min().unwrap_or(0) / 4096).min(blocks);
+        Statfs { blocks, bfree, files: self.disks.len() as u64 + 1, bsize: 4096 }
     }
 }
 

@@ -73,8 +73,15 @@ pub enum OverlayError {
     OtherDisk { recorded: String, recorded_size: u64, chain: String, chain_size: u64 },
     #[error("overlay attached read-only")]
     ReadOnly,
-    #[error("an earlier checkpoint failed; refusing further writes")]
-    CheckpointFailed,
+    #[error(
+        "an earlier write-back or sync of the overlay failed (see the log): writes, fsync and flush fail until it is remounted"
+    )]
+    Failed,
+    /// A read of a range changed since the last good checkpoint of a failed overlay.
+    #[error(
+        "virtual {0:#x} changed after the overlay's last good checkpoint, and a sync failed since: what the overlay holds there is unknown until it is remounted"
+    )]
+    Unsettled(u64),
     #[error("write past the end of the disk")]
     WritePastEnd,
     #[error("overlay map entry for cluster {0} is invalid")]
@@ -102,7 +109,7 @@ impl ErrorKind for OverlayError {
             OverlayError::OtherDisk { .. } => Kind::Mismatch,
             OverlayError::ReadOnly => Kind::ReadOnly,
             // The durable state is unknown after a failed sync: an I/O error, reported as EIO.
-            OverlayError::CheckpointFailed => Kind::Io,
+            OverlayError::Failed | OverlayError::Unsettled(_) => Kind::Io,
         }
     }
 }
@@ -141,6 +148,11 @@ pub struct Overlay {
     /// Writers hold it shared; a checkpoint holds it exclusively (see the module doc).
     epoch: RwLock<()>,
     stripes: Vec<Mutex<()>>,
+    /// Clusters changed since the last good checkpoint.
+    changed: Mutex<checkpoint::ClusterRanges>,
+    /// Held by the one checkpoint running.
+    checkpointing: Mutex<()>,
+    /// A write-back or sync failed (see `checkpoint.rs`).
     failed: AtomicBool,
 }
 
@@ -247,6 +259,8 @@ impl Overlay {
             dirty: Mutex::new(Default::default()),
             epoch: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            changed: Mutex::new(Default::default()),
+            checkpointing: Mutex::new(()),
             failed: AtomicBool::new(false),
         };
         Ok(ov)
@@ -312,6 +326,7 @@ impl Overlay {
 
     /// Reads overlay data (state `Data`) at virtual `offset`.
     pub fn read_data(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_settled(offset, buf.len() as u64)?;
         self.file
             .read_at(buf, self.header.data_offset + offset)
             .map_err(|e| io(&self.path, &format!("reading overlay data at virtual {offset:#x}"), e))
@@ -321,15 +336,16 @@ impl Overlay {
         if !self.writable {
             return Err(Error::from(OverlayError::ReadOnly).in_file(self.path.display()));
         }
-        if self.failed.load(Ordering::Acquire) {
-            return Err(Error::from(OverlayError::CheckpointFailed).in_file(self.path.display()));
-        }
-        Ok(())
+        self.check_not_failed()
     }
 
-    /// True when map changes wait for a checkpoint.
-    pub fn is_dirty(&self) -> bool {
-        !self.dirty.lock().is_empty()
+    /// Bytes that can still be written to the overlay's file system; 0 when the overlay is
+    /// read-only or failed (what `statfs` reports as free).
+    pub fn available(&self) -> u64 {
+        if !self.writable || self.failed() {
+            return 0;
+        }
+        self.file.available().unwrap_or(0)
     }
 
     /// Bytes of data the overlay holds (clusters in state Data).
@@ -353,7 +369,7 @@ fn push_run(out: &mut Vec<Run>, start: u64, len: u64, state: ClusterState) {
 
 impl Drop for Overlay {
     fn drop(&mut self) {
-        if self.writable && self.is_dirty() {
+        if self.writable && self.is_dirty() && !self.failed() {
             let _ = self.checkpoint();
         }
     }

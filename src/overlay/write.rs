@@ -27,6 +27,7 @@ impl Overlay {
         }
         let cl = self.header.cluster;
         let _epoch = self.epoch.read();
+        self.changing(offset / cl, (end - 1) / cl);
         let _locks = self.lock_clusters(offset / cl, (end - 1) / cl);
         let mut pos = offset;
         while pos < end {
@@ -63,10 +64,18 @@ impl Overlay {
         Ok(())
     }
 
+    /// Writes data at virtual `offset`. Running out of space fails this write only (the map
+    /// does not change); any other error fails the overlay (see `checkpoint.rs`).
     fn put(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file
-            .write_at(data, self.header.data_offset + offset)
-            .map_err(|e| io(&self.path, &format!("writing overlay data at virtual {offset:#x}"), e))
+        let r = self.file.write_at(data, self.header.data_offset + offset);
+        r.map_err(|e| {
+            let out_of_space = matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+            let e = io(&self.path, &format!("writing overlay data at virtual {offset:#x}"), e);
+            if !out_of_space {
+                self.fail(&e);
+            }
+            e
+        })
     }
 
     /// Makes `[offset, offset + len)` read as zeros; whole clusters are punched out of the file.
@@ -90,6 +99,7 @@ impl Overlay {
         zero_edge(last_whole, end)?;
         let _epoch = self.epoch.read();
         let (first, last) = (first_whole / cl, (last_whole - 1) / cl);
+        self.changing(first, last);
         let mut c = first;
         while c <= last {
             let upto = (c + STRIPES as u64 - 1).min(last);

@@ -1,0 +1,237 @@
+//! The overlay on real file systems that fail: one that runs out of space (ENOSPC at write
+//! time), and a thin one whose device runs out underneath (a write-back error that the kernel
+//! reports once: fsyncgate). Through the real mount, checked after a remount.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use testkit::vhd::VhdBuilder;
+
+use crate::common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// An ext4 file system on a loop device, made for one test and torn down on drop. For a thin
+/// one, the loop device's file lives on a tmpfs smaller than the file system.
+struct ScratchFs {
+    pub mnt: PathBuf,
+    lo: Option<Loop>,
+    tmpfs: Option<PathBuf>,
+}
+
+impl ScratchFs {
+    fn new(dir: &Path, fs_size: u64, thin_room: Option<u64>) -> ScratchFs {
+        let mut s = ScratchFs { mnt: dir.join("fs"), lo: None, tmpfs: None };
+        let back_dir = dir.join("back");
+        std::fs::create_dir_all(&back_dir).unwrap();
+        std::fs::create_dir_all(&s.mnt).unwrap();
+        if let Some(room) = thin_room {
+            sh(&format!("mount -t tmpfs -o size={room} tmpfs {}", back_dir.display()));
+            s.tmpfs = Some(back_dir.clone());
+        }
+        let back = back_dir.join("fs.img");
+        std::fs::File::create(&back).unwrap().set_len(fs_size).unwrap();
+        let o = Command::new("losetup").args(["-f", "--show"]).arg(&back).output().unwrap();
+        assert!(o.status.success(), "losetup: {}", stderr(&o));
+        let lo = Loop(String::from_utf8_lossy(&o.stdout).trim().to_string());
+        // No reserved blocks (the daemon runs as root), few inodes, a small journal, all
+        // metadata written now: on a thin device only data writes can fail later.
+        sh(&format!(
+            "mkfs.ext4 -q -F -m 0 -N 64 -J size=1 -E lazy_itable_init=0,lazy_journal_init=0,nodiscard {}",
+            lo.0
+        ));
+        sh(&format!("mount -o errors=continue {} {}", lo.0, s.mnt.display()));
+        s.lo = Some(lo);
+        s
+    }
+
+    /// Unmounts and mounts the file system again: what it holds, not what the page cache does.
+    fn cycle(&self) {
+        let lo = self.lo.as_ref().unwrap();
+        sh(&format!("umount {} && mount -o errors=continue {} {}", self.mnt.display(), lo.0, self.mnt.display()));
+    }
+}
+
+impl Drop for ScratchFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+        drop(self.lo.take());
+        if let Some(t) = &self.tmpfs {
+            let _ = Command::new("umount").arg(t).status();
+        }
+    }
+}
+
+/// A dynamic VHD of `size` with data everywhere (so that zeros read back are always wrong).
+fn full_disk(dir: &Path, size: u64) -> (PathBuf, Vec<u8>) {
+    let base = pattern(0xba5e, size as usize);
+    let img = dir.join("disk.vhd");
+    VhdBuilder::dynamic(size).write(0, &base).build(&img).unwrap();
+    (img, base)
+}
+
+/// The merged disk as `vdiskfs export --overlay` reads it (the overlay opened read-only).
+fn exported(img: &Path, ovl: &Path) -> Vec<u8> {
+    let t = tmpdir();
+    let out = t.path().join("e.raw");
+    let o = vdiskfs([os("export"), os("--quiet"), os("--overlay"), ovl.as_os_str(), img.as_os_str(), out.as_os_str()]);
+    assert!(o.status.success(), "export: {}", stderr(&o));
+    std::fs::read(&out).unwrap()
+}
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+crate::register!(fsync_after_a_lost_write_back_keeps_failing_and_the_mount_says_why);
+/// The overlay's file system sits on a thin device that runs out: the kernel loses the data
+/// and reports it to one fsync. Every later fsync must fail too, writes get EIO, the log says
+/// why, `df` shows no room, and after a remount no byte reads as anything nobody wrote.
+fn fsync_after_a_lost_write_back_keeps_failing_and_the_mount_says_why() {
+    need_fuse();
+    need("losetup");
+    need("mkfs.ext4");
+    let t = tmpdir();
+    let size = 32 * MIB;
+    let (img, base) = full_disk(t.path(), size);
+    let scratch = ScratchFs::new(t.path(), 64 * MIB, Some(12 * MIB));
+    let ovl = scratch.mnt.join("o.ovl");
+    let m = mount(&[os("--overlay"), ovl.as_os_str(), img.as_os_str()]);
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(m.file("disk.raw")).unwrap();
+    let new = pattern(7, (20 * MIB) as usize);
+    f.write_all_at(&new, 0).expect("the writes land in the page cache");
+    let first = f.sync_data().expect_err("the device ran out: the first fsync fails");
+    for i in 0..3 {
+        let e = f.sync_data().expect_err("every later fsync fails too");
+        assert_eq!(errno(&e), libc::EIO, "fsync {i} after {first}: {e}");
+    }
+    let e = f.write_all_at(b"more", 30 * MIB).expect_err("writes fail once the overlay failed");
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+    // A read of what changed since the last good checkpoint fails; the rest reads.
+    let mut b = vec![0u8; 4096];
+    assert_eq!(errno(&f.read_exact_at(&mut b, MIB).expect_err("unknown on disk")), libc::EIO);
+    f.read_exact_at(&mut b, 31 * MIB).unwrap();
+    assert_eq!(b, base[(31 * MIB) as usize..(31 * MIB) as usize + 4096]);
+    // SAFETY: statvfs into a zeroed local struct.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    let c = std::ffi::CString::new(m.dir.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut sv) }, 0);
+    assert_eq!(sv.f_bavail, 0, "a failed overlay has no room");
+    drop(f);
+    let log = m.log_text();
+    assert!(log.contains("o.ovl") && log.contains("the overlay is failed"), "the log says why: {log}");
+    m.unmount();
+    assert!(wait_for(10, || daemon_gone(&m.dir)), "the daemon exits");
+    drop(m);
+    // What the device really holds: every byte is the base's or the write's, never zeros.
+    scratch.cycle();
+    let got = exported(&img, &ovl);
+    if let Some(i) = (0..got.len()).find(|&i| got[i] != base[i] && (i >= new.len() || got[i] != new[i])) {
+        panic!("byte {i:#x} reads {:#04x}: neither the base's {:#04x} nor the write's", got[i], base[i]);
+    }
+}
+
+/// True when no process serves `mnt` any more.
+fn daemon_gone(mnt: &Path) -> bool {
+    crate::overlay::daemon_pid(mnt).is_none()
+}
+
+crate::register!(a_full_overlay_file_system_gives_enospc_and_loses_nothing_acknowledged);
+/// The overlay's file system fills up: writes fail with ENOSPC (not EIO), fsync still works,
+/// a write that failed leaves no trace that a later write could bring back, and after a remount
+/// every acknowledged write is there and every cluster of the failed ones is old or new.
+fn a_full_overlay_file_system_gives_enospc_and_loses_nothing_acknowledged() {
+    need_fuse();
+    need("losetup");
+    need("mkfs.ext4");
+    let t = tmpdir();
+    let size = 48 * MIB;
+    let (img, base) = full_disk(t.path(), size);
+    let scratch = ScratchFs::new(t.path(), 24 * MIB, None);
+    let ovl = scratch.mnt.join("o.ovl");
+    let mut model = base.clone();
+    // Writes that failed: each of their bytes may or may not have landed.
+    let mut failed: Vec<(u64, Vec<u8>)> = Vec::new();
+    {
+        let m = mount(&[os("--overlay"), ovl.as_os_str(), img.as_os_str()]);
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(m.file("disk.raw")).unwrap();
+        // [32 MiB, 40 MiB) discarded: it reads zeros, and holds nothing in the overlay's file.
+        punch(&f, 32 * MIB, 8 * MIB);
+        model[(32 * MIB) as usize..(40 * MIB) as usize].fill(0);
+        fill_until_enospc(&f, &mut model, &mut failed);
+        f.sync_data().expect("after ENOSPC, fsync still makes the acknowledged writes durable");
+        // A write into the discarded range fails too, part-way.
+        let d = pattern(3, (4 * MIB) as usize);
+        let e = f.write_all_at(&d, 32 * MIB).expect_err("still full");
+        assert_eq!(errno(&e), libc::ENOSPC, "{e}");
+        failed.push((32 * MIB, d));
+        // Room again; a small write into a cluster the failed write touched.
+        punch(&f, 0, 8 * MIB);
+        model[..(8 * MIB) as usize].fill(0);
+        failed.retain(|(o, _)| *o >= 8 * MIB);
+        f.write_all_at(&[0xabu8; 512], 32 * MIB + 1000).unwrap();
+        model[(32 * MIB + 1000) as usize..(32 * MIB + 1512) as usize].fill(0xab);
+        let mut c = vec![0u8; 65536];
+        f.read_exact_at(&mut c, 32 * MIB).unwrap();
+        assert_same(
+            "a zeroed cluster after a failed write and a small one",
+            &c,
+            &model[(32 * MIB) as usize..][..65536],
+        );
+        f.sync_data().unwrap();
+        drop(f);
+        let log = m.log_text();
+        assert!(!log.contains("the overlay is failed"), "ENOSPC must not fail the overlay: {log}");
+    }
+    scratch.cycle();
+    check_clusters(&exported(&img, &ovl), &model, &failed);
+}
+
+/// Writes 1 MiB + 512 bytes at a time (each ends inside a cluster: read-modify-write) from 0
+/// until the overlay's file system is full, with an fsync every 4; records what it wrote.
+fn fill_until_enospc(f: &std::fs::File, model: &mut [u8], failed: &mut Vec<(u64, Vec<u8>)>) {
+    let chunk = MIB as usize + 512;
+    let mut off = 0u64;
+    for i in 0.. {
+        assert!(off + (chunk as u64) < 32 * MIB, "the overlay never ran out of space");
+        let d = pattern(100 + i, chunk);
+        if let Err(e) = f.write_all_at(&d, off) {
+            assert_eq!(errno(&e), libc::ENOSPC, "a full file system is ENOSPC, not EIO: {e}");
+            failed.push((off, d));
+            return;
+        }
+        model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        if i % 4 == 3 {
+            f.sync_data().expect("fsync while there is room");
+        }
+        off += chunk as u64;
+    }
+}
+
+fn punch(f: &std::fs::File, off: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on an open descriptor.
+    let r = unsafe {
+        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off as i64, len as i64)
+    };
+    assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
+}
+
+/// Each 64 KiB cluster of `got` equals the model, or differs only by bytes of failed writes.
+fn check_clusters(got: &[u8], model: &[u8], failed: &[(u64, Vec<u8>)]) {
+    let cl = 64 * 1024;
+    for c in 0..got.len() / cl {
+        let r = c * cl..(c + 1) * cl;
+        if got[r.clone()] == model[r.clone()] {
+            continue;
+        }
+        let ok = r.clone().all(|i| {
+            got[i] == model[i]
+                || failed
+                    .iter()
+                    .any(|(o, d)| i as u64 >= *o && i < *o as usize + d.len() && got[i] == d[i - *o as usize])
+        });
+        assert!(ok, "cluster {c} lost an acknowledged write or holds bytes no one wrote");
+    }
+}
