@@ -39,13 +39,16 @@ impl Overlay {
             let whole = pos == cstart && wend == cend;
             match self.state(c) {
                 ClusterState::Data => self.put(pos, piece)?,
-                // A punched cluster reads zeros from the file: a partial write needs no fill.
-                ClusterState::Zero => {
+                ClusterState::Zero | ClusterState::Chain if whole => {
                     self.put(pos, piece)?;
                     self.set_state(c, ClusterState::Data);
                 }
-                ClusterState::Chain if whole => {
-                    self.put(pos, piece)?;
+                // The file under a zeroed cluster may hold bytes of a write a crash undid or that
+                // ran out of space: a partial write rewrites the whole cluster, zeros around it.
+                ClusterState::Zero => {
+                    let mut buf = vec![0u8; (cend - cstart) as usize];
+                    buf[(pos - cstart) as usize..(wend - cstart) as usize].copy_from_slice(piece);
+                    self.put(cstart, &buf)?;
                     self.set_state(c, ClusterState::Data);
                 }
                 ClusterState::Chain => {
@@ -103,28 +106,45 @@ impl Overlay {
         let mut c = first;
         while c <= last {
             let upto = (c + STRIPES as u64 - 1).min(last);
+            // Map and hole under the same locks: a write landing in between would see a zeroed
+            // cluster, write its data, and lose it to the punch.
             let _locks = self.lock_clusters(c, upto);
             for k in c..=upto {
                 if self.state(k) != ClusterState::Zero {
                     self.set_state(k, ClusterState::Zero);
                 }
             }
+            let (from, to) = (c * cl, ((upto + 1) * cl).min(last_whole));
+            if let Err(e) = self.file.punch_hole(self.header.data_offset + from, to - from) {
+                // Only space is lost: what a zeroed cluster's file bytes hold is never read.
+                log::warn!("{}: punching a hole failed: {e}", self.path.display());
+            }
             c = upto + 1;
         }
-        let at = self.header.data_offset + first_whole;
-        let n = last_whole - first_whole;
-        if let Err(e) = self.file.punch_hole(at, n) {
-            // The map already says zeros; without a hole the stale bytes would only waste space,
-            // but a later partial write relies on the hole reading zeros: write them.
-            log::warn!("{}: punching a hole failed ({e}); writing zeros instead", self.path.display());
-            let zeros = vec![0u8; (cl as usize).min(n as usize)];
-            let mut p = first_whole;
-            while p < last_whole {
-                let k = (last_whole - p).min(zeros.len() as u64) as usize;
-                self.put(p, &zeros[..k])?;
-                p += k as u64;
-            }
-        }
         Ok(())
+    }
+
+    /// `fallocate` mode 0: reserves file space for every cluster of `[offset, offset + len)`,
+    /// so that writes there cannot run out of space. The clusters' contents do not change (the
+    /// map does not either: reserved space under a chain or zeroed cluster is never read).
+    pub fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let end = offset.saturating_add(len).min(self.header.virtual_size);
+        if offset >= end {
+            return Ok(());
+        }
+        let cl = self.header.cluster;
+        let (from, to) = (offset / cl * cl, end.next_multiple_of(cl).min(self.header.virtual_size));
+        // A file system that runs out part-way keeps what it reserved: refuse up front what
+        // cannot fit (clusters with data have their space already).
+        let need: u64 =
+            self.runs(from, to - from).iter().filter(|r| r.state != ClusterState::Data).map(|r| r.len).sum();
+        if need > self.file.available().unwrap_or(u64::MAX) {
+            let e = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            return Err(io(&self.path, &format!("reserving {need} bytes of overlay space"), e));
+        }
+        self.file
+            .allocate(self.header.data_offset + from, to - from)
+            .map_err(|e| io(&self.path, &format!("reserving overlay space at virtual {from:#x}"), e))
     }
 }
