@@ -53,8 +53,11 @@ pub enum OverlayError {
     InUse,
     #[error("overlay cluster size {0} must be a power of two, 512 B to 16 MiB")]
     ClusterSize(u64),
-    #[error("not a vdiskfs overlay (bad magic)")]
+    #[error("not a vdiskfs overlay (bad magic); refusing to overwrite it")]
     BadMagic,
+    /// The path exists and is no regular file (a block device, a FIFO, a directory...).
+    #[error("not a vdiskfs overlay: a {0}, not a regular file; refusing to use it")]
+    NotAFile(&'static str),
     #[error("overlay header CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     HeaderChecksum { stored: u32, computed: u32 },
     #[error("unsupported overlay version {0}")]
@@ -97,6 +100,7 @@ impl ErrorKind for OverlayError {
             OverlayError::NotFound => Kind::NotFound,
             OverlayError::InUse => Kind::Denied,
             OverlayError::ClusterSize(_) | OverlayError::WritePastEnd => Kind::Usage,
+            OverlayError::NotAFile(_) => Kind::Mismatch,
             OverlayError::BadMagic
             | OverlayError::HeaderChecksum { .. }
             | OverlayError::ClusterShift(_)
@@ -184,6 +188,20 @@ fn lock(file: &File, writable: bool) -> Result<(), OverlayError> {
     Ok(())
 }
 
+/// What a path that is no regular file is, for an error.
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    match () {
+        _ if t.is_dir() => "directory",
+        _ if t.is_block_device() => "block device",
+        _ if t.is_char_device() => "character device",
+        _ if t.is_fifo() => "FIFO",
+        _ if t.is_socket() => "socket",
+        _ => "special file",
+    }
+}
+
 /// Writes the header of a new overlay into the empty `file` and sizes it, durably.
 fn create(file: &File, path: &Path, cluster: u64, virtual_size: u64, identity: &str) -> Result<OverlayHeader> {
     if !cluster.is_power_of_two() || !(512..=16 << 20).contains(&cluster) {
@@ -192,6 +210,15 @@ fn create(file: &File, path: &Path, cluster: u64, virtual_size: u64, identity: &
     }
     let h = OverlayHeader::new(cluster, virtual_size, identity);
     file.write_all_at(&h.encode(), 0).map_err(|e| io(path, "writing overlay header", e))?;
+    // The map's blocks exist from the start: a checkpoint rewrites them in place, so it never
+    // needs space (it still works, and makes the acknowledged writes durable, on a full disk).
+    let zeros = vec![0u8; 1 << 20];
+    let (mut at, map_end) = (h.map_offset, (h.map_offset + h.map_bytes).next_multiple_of(PAGE));
+    while at < map_end {
+        let n = (map_end - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at).map_err(|e| io(path, "writing overlay map", e))?;
+        at += n as u64;
+    }
     // Full apparent size (sparse): every data offset reads, zeros until written.
     file.set_len(h.data_offset + virtual_size).map_err(|e| io(path, "sizing overlay", e))?;
     file.sync_all().map_err(|e| io(path, "syncing new overlay", e))?;
@@ -218,8 +245,13 @@ impl Overlay {
         wrap: impl FnOnce(File) -> Box<dyn OverlayFile>,
     ) -> Result<Overlay> {
         let in_file = |e: OverlayError| Error::from(e).in_file(path.display());
-        if !writable && !path.exists() {
-            return Err(in_file(OverlayError::NotFound));
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !writable => {
+                return Err(in_file(OverlayError::NotFound));
+            }
+            // Checked before opening: opening a FIFO blocks, a device may act on open.
+            Ok(m) if !m.is_file() => return Err(in_file(OverlayError::NotAFile(file_kind(&m)))),
+            _ => {}
         }
         let file = OpenOptions::new()
             .read(true)
@@ -228,11 +260,20 @@ impl Overlay {
             .truncate(false)
             .open(path)
             .map_err(|e| io(path, "cannot open overlay", e))?;
+        let meta = file.metadata().map_err(|e| io(path, "stat", e))?;
+        if !meta.is_file() {
+            // Replaced between the check and the open.
+            return Err(in_file(OverlayError::NotAFile(file_kind(&meta))));
+        }
         lock(&file, writable).map_err(in_file)?;
-        let len = file.metadata().map_err(|e| io(path, "stat", e))?.len();
+        let len = meta.len();
         let header = if len == 0 {
             create(&file, path, cluster, virtual_size, identity)?
         } else {
+            if len < HEADER {
+                // Some other small file: not ours to overwrite.
+                return Err(in_file(OverlayError::BadMagic));
+            }
             let mut b = vec![0u8; HEADER as usize];
             file.read_exact_at(&mut b, 0).map_err(|e| io(path, "reading overlay header", e))?;
             let h = OverlayHeader::parse(&b, len).map_err(in_file)?;
