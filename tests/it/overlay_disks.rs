@@ -111,20 +111,26 @@ fn fsync_after_a_lost_write_back_keeps_failing_and_the_mount_says_why() {
     let m = mount(&[os("--overlay"), ovl.as_os_str(), img.as_os_str()]);
     let f = std::fs::OpenOptions::new().read(true).write(true).open(m.file("disk.raw")).unwrap();
     let new = pattern(7, (20 * MIB) as usize);
-    f.write_all_at(&new, 0).expect("the writes land in the page cache");
-    let first = f.sync_data().expect_err("the device ran out: the first fsync fails");
+    // The writes land in the page cache of the overlay's file system, and the device runs out
+    // when it writes them back: under memory pressure already during the writes, else at fsync.
+    let mut first = new.chunks(MIB as usize).enumerate().find_map(|(i, c)| f.write_all_at(c, i as u64 * MIB).err());
+    if first.is_none() {
+        first = f.sync_data().err();
+    }
+    let first = first.expect("the device ran out: a write or the fsync fails");
     for i in 0..3 {
         let e = f.sync_data().expect_err("every later fsync fails too");
         assert_eq!(errno(&e), libc::EIO, "fsync {i} after {first}: {e}");
     }
     let e = f.write_all_at(b"more", 30 * MIB).expect_err("writes fail once the overlay failed");
     assert_eq!(errno(&e), libc::EIO, "{e}");
-    // A read of what changed since the last good checkpoint fails; the rest reads. (Past the
-    // kernel's page cache, which still holds what was written.)
+    // A read of what changed since the last good checkpoint (the first MiB was written, or was
+    // being written when it failed) fails; the rest reads. Past the kernel's page cache, which
+    // still holds what was written.
     // SAFETY: fadvise on an open descriptor.
     unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, libc::POSIX_FADV_DONTNEED) };
     let mut b = vec![0u8; 4096];
-    assert_eq!(errno(&f.read_exact_at(&mut b, MIB).expect_err("unknown on disk")), libc::EIO);
+    assert_eq!(errno(&f.read_exact_at(&mut b, 0).expect_err("unknown on disk")), libc::EIO);
     f.read_exact_at(&mut b, 31 * MIB).unwrap();
     assert_eq!(b, base[(31 * MIB) as usize..(31 * MIB) as usize + 4096]);
     // SAFETY: statvfs into a zeroed local struct.
@@ -152,9 +158,11 @@ fn daemon_gone(mnt: &Path) -> bool {
 }
 
 crate::register!(a_full_overlay_file_system_gives_enospc_and_loses_nothing_acknowledged);
-/// The overlay's file system fills up: writes fail with ENOSPC (not EIO), fsync still works,
-/// a write that failed leaves no trace that a later write could bring back, and after a remount
-/// every acknowledged write is there and every cluster of the failed ones is old or new.
+/// The overlay's file system fills up during writes into a discarded range: writes fail with
+/// ENOSPC (not EIO), fsync still works, what a failed write left in the overlay's file never
+/// shows through a later small write, and after a remount each cluster holds its old bytes or
+/// the failed write's new ones, whole (a cluster already in the overlay, written in place, may
+/// be torn byte by byte), and every acknowledged write.
 fn a_full_overlay_file_system_gives_enospc_and_loses_nothing_acknowledged() {
     need_fuse();
     need("losetup");
@@ -164,35 +172,40 @@ fn a_full_overlay_file_system_gives_enospc_and_loses_nothing_acknowledged() {
     let (img, base) = full_disk(t.path(), size);
     let scratch = ScratchFs::new(t.path(), 24 * MIB, None);
     let ovl = scratch.mnt.join("o.ovl");
-    let mut model = base.clone();
-    // Writes that failed: each of their bytes may or may not have landed.
-    let mut failed: Vec<(u64, Vec<u8>)> = Vec::new();
+    // Two models: `old` without the failed writes, `new` with them; acknowledged writes in both.
+    let (mut old, mut new) = (base.clone(), base.clone());
+    let mut failed: Vec<(u64, u64)> = Vec::new();
     {
         let m = mount(&[os("--overlay"), ovl.as_os_str(), img.as_os_str()]);
         let f = std::fs::OpenOptions::new().read(true).write(true).open(m.file("disk.raw")).unwrap();
-        // [32 MiB, 40 MiB) discarded: it reads zeros, and holds nothing in the overlay's file.
-        punch(&f, 32 * MIB, 8 * MIB);
-        model[(32 * MIB) as usize..(40 * MIB) as usize].fill(0);
-        fill_until_enospc(&f, &mut model, &mut failed);
+        // [8 MiB, 48 MiB) discarded: it reads zeros, and holds nothing in the overlay's file.
+        punch(&f, 8 * MIB, 40 * MIB);
+        for m in [&mut old, &mut new] {
+            m[(8 * MIB) as usize..].fill(0);
+        }
+        let off = fill_until_enospc(&f, 8 * MIB, [&mut old, &mut new]);
+        failed.push((off, MIB + 512));
         f.sync_data().expect("after ENOSPC, fsync still makes the acknowledged writes durable");
-        // A write into the discarded range fails too, part-way.
-        let d = pattern(3, (4 * MIB) as usize);
-        let e = f.write_all_at(&d, 32 * MIB).expect_err("still full");
+        let d = pattern(3, MIB as usize);
+        let e = f.write_all_at(&d, 40 * MIB).expect_err("still full");
         assert_eq!(errno(&e), libc::ENOSPC, "{e}");
-        failed.push((32 * MIB, d));
-        // Room again; a small write into a cluster the failed write touched.
-        punch(&f, 0, 8 * MIB);
-        model[..(8 * MIB) as usize].fill(0);
-        failed.retain(|(o, _)| *o >= 8 * MIB);
-        f.write_all_at(&[0xabu8; 512], 32 * MIB + 1000).unwrap();
-        model[(32 * MIB + 1000) as usize..(32 * MIB + 1512) as usize].fill(0xab);
-        let mut c = vec![0u8; 65536];
-        f.read_exact_at(&mut c, 32 * MIB).unwrap();
-        assert_same(
-            "a zeroed cluster after a failed write and a small one",
-            &c,
-            &model[(32 * MIB) as usize..][..65536],
-        );
+        new[(40 * MIB) as usize..][..d.len()].copy_from_slice(&d);
+        failed.push((40 * MIB, MIB));
+        // Room again (8 MiB of data discarded); then 16 bytes into every cluster the failed
+        // writes touched: what they left in the file must not show around them.
+        punch(&f, 8 * MIB, 8 * MIB);
+        for m in [&mut old, &mut new] {
+            m[(8 * MIB) as usize..(16 * MIB) as usize].fill(0);
+        }
+        for &(o, len) in &failed {
+            for c in (o / CL..(o + len).div_ceil(CL)).map(|c| c * CL + 100) {
+                f.write_all_at(&[0xabu8; 16], c).unwrap();
+                for m in [&mut old, &mut new] {
+                    m[c as usize..c as usize + 16].fill(0xab);
+                }
+            }
+        }
+        check_clusters("live", &read_all(&f, size), &old, &new, &failed);
         f.sync_data().unwrap();
         drop(f);
         let log = m.log_text();
@@ -201,28 +214,42 @@ fn a_full_overlay_file_system_gives_enospc_and_loses_nothing_acknowledged() {
         assert!(wait_for(10, || daemon_gone(&m.dir)), "the daemon exits");
     }
     scratch.cycle();
-    check_clusters(&exported(&img, &ovl), &model, &failed);
+    check_clusters("after a remount", &exported(&img, &ovl), &old, &new, &failed);
 }
 
-/// Writes 1 MiB + 512 bytes at a time (each ends inside a cluster: read-modify-write) from 0
-/// until the overlay's file system is full, with an fsync every 4; records what it wrote.
-fn fill_until_enospc(f: &std::fs::File, model: &mut [u8], failed: &mut Vec<(u64, Vec<u8>)>) {
+const CL: u64 = 64 * 1024;
+
+fn read_all(f: &std::fs::File, size: u64) -> Vec<u8> {
+    // Past the page cache: what the daemon serves.
+    // SAFETY: fadvise on an open descriptor.
+    unsafe { libc::posix_fadvise(std::os::fd::AsRawFd::as_raw_fd(f), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let mut b = vec![0u8; size as usize];
+    f.read_exact_at(&mut b, 0).unwrap();
+    b
+}
+
+/// Writes 1 MiB + 512 bytes at a time (each ends inside a cluster: the next writes it in
+/// place) from `from` until the overlay's file system is full, with an fsync every 4. Returns
+/// where the failed write began; only `models[1]` has its bytes.
+fn fill_until_enospc(f: &std::fs::File, from: u64, models: [&mut Vec<u8>; 2]) -> u64 {
     let chunk = MIB as usize + 512;
-    let mut off = 0u64;
+    let mut off = from;
     for i in 0.. {
-        assert!(off + (chunk as u64) < 32 * MIB, "the overlay never ran out of space");
+        assert!(off + (chunk as u64) < 40 * MIB, "the overlay never ran out of space");
         let d = pattern(100 + i, chunk);
         if let Err(e) = f.write_all_at(&d, off) {
             assert_eq!(errno(&e), libc::ENOSPC, "a full file system is ENOSPC, not EIO: {e}");
-            failed.push((off, d));
-            return;
+            models[1][off as usize..][..chunk].copy_from_slice(&d);
+            return off;
         }
-        model[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        models[0][off as usize..][..chunk].copy_from_slice(&d);
+        models[1][off as usize..][..chunk].copy_from_slice(&d);
         if i % 4 == 3 {
             f.sync_data().expect("fsync while there is room");
         }
         off += chunk as u64;
     }
+    unreachable!()
 }
 
 fn punch(f: &std::fs::File, off: u64, len: u64) {
@@ -234,21 +261,19 @@ fn punch(f: &std::fs::File, off: u64, len: u64) {
     assert_eq!(r, 0, "punch: {}", std::io::Error::last_os_error());
 }
 
-/// Each 64 KiB cluster of `got` equals the model, or differs only by bytes of failed writes.
-fn check_clusters(got: &[u8], model: &[u8], failed: &[(u64, Vec<u8>)]) {
-    let cl = 64 * 1024;
+/// Each cluster of `got` is the one of `old` or of `new`, whole. The first cluster of a failed
+/// write was already in the overlay (written in place): there, byte by byte.
+fn check_clusters(what: &str, got: &[u8], old: &[u8], new: &[u8], failed: &[(u64, u64)]) {
+    let cl = CL as usize;
     for c in 0..got.len() / cl {
         let r = c * cl..(c + 1) * cl;
-        if got[r.clone()] == model[r.clone()] {
+        if got[r.clone()] == old[r.clone()] || got[r.clone()] == new[r.clone()] {
             continue;
         }
-        let ok = r.clone().all(|i| {
-            got[i] == model[i]
-                || failed
-                    .iter()
-                    .any(|(o, d)| i as u64 >= *o && i < *o as usize + d.len() && got[i] == d[i - *o as usize])
-        });
-        assert!(ok, "cluster {c} lost an acknowledged write or holds bytes no one wrote");
+        let in_place = failed.iter().any(|&(o, _)| o as usize / cl == c);
+        let torn_ok = in_place && r.clone().all(|i| got[i] == old[i] || got[i] == new[i]);
+        let i = r.clone().find(|&i| got[i] != old[i]).unwrap_or(r.start);
+        assert!(torn_ok, "{what}: cluster {c} is neither old nor new at {i:#x}: {:#04x}", got[i]);
     }
 }
 
