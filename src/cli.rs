@@ -317,9 +317,14 @@ pub struct MountArgs {
     #[arg(long)]
     pub daemon: bool,
     /// Let other users (and root) read the mount; needs user_allow_other in /etc/fuse.conf
-    /// unless run as root.
+    /// unless run as root. The kernel checks the files' modes: other users can read a disk,
+    /// never write it (see --allow-other-write).
     #[arg(long)]
     pub allow_other: bool,
+    /// With --allow-other (implied): let every local user also WRITE the writable disks (their
+    /// mode becomes 0666). Without it only the user who mounted can write.
+    #[arg(long)]
+    pub allow_other_write: bool,
     /// Threads serving FUSE requests.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub threads: usize,
@@ -351,6 +356,8 @@ pub struct MountConfig {
     pub fuse: FuseOptions,
     pub daemon: bool,
     pub allow_other: bool,
+    /// Other users may write the writable disks too.
+    pub allow_other_write: bool,
     pub threads: usize,
     pub log_file: Option<PathBuf>,
     pub overlays: Vec<PathBuf>,
@@ -375,7 +382,8 @@ impl MountArgs {
             open,
             fuse: FuseOptions { readahead: self.readahead_kb.clamp(4, 16 << 10) << 10, ..FuseOptions::default() },
             daemon: self.daemon,
-            allow_other: self.allow_other,
+            allow_other: self.allow_other || self.allow_other_write,
+            allow_other_write: self.allow_other_write,
             threads: self.threads,
             log_file: self.log_file.as_ref().map(abs).transpose()?,
             overlays: self.overlay.iter().map(abs).collect::<Result<_>>()?,

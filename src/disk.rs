@@ -165,6 +165,11 @@ impl Disk {
         self.overlay_for_write()?.discard(offset, len, &self.fill())
     }
 
+    /// Reserves overlay space so that writes to the range cannot fail for lack of it.
+    pub fn reserve(&self, offset: u64, len: u64) -> Result<()> {
+        self.overlay_for_write()?.reserve(offset, len)
+    }
+
     /// Makes every acknowledged write durable.
     pub fn flush(&self) -> Result<()> {
         match &self.overlay {

@@ -81,7 +81,7 @@ struct Served {
 /// Mounts the disks and starts the signal thread and the background work.
 /// `signals` are blocked in every thread; the signal thread waits for them.
 fn serve(disks: Vec<Disk>, cfg: &MountConfig, signals: libc::sigset_t) -> Result<Served> {
-    let fs = Arc::new(VdiskFs::new(disks));
+    let fs = Arc::new(VdiskFs::new(disks).others_write(cfg.allow_other_write));
     let writable = fs.disks().iter().any(|d| d.writable());
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
@@ -96,6 +96,9 @@ fn serve(disks: Vec<Disk>, cfg: &MountConfig, signals: libc::sigset_t) -> Result
     fcfg.clone_fd = true;
     if cfg.allow_other {
         fcfg.acl = fuser::SessionACL::All;
+        // The kernel checks every access against the modes getattr reports (0644: others
+        // read only), so that letting others in does not let them write.
+        fcfg.mount_options.push(fuser::MountOption::DefaultPermissions);
     }
     let fuse = FuseFs::new(fs.clone(), cfg.fuse.clone());
     let session = fuser::Session::new(fuse, &cfg.mountpoint, &fcfg)

@@ -33,7 +33,8 @@ pub fn spawn_checkpointer(fs: Arc<VdiskFs>) {
         loop {
             std::thread::sleep(CHECKPOINT_INTERVAL);
             for d in fs.disks() {
-                if d.overlay().is_some_and(|o| o.is_dirty())
+                // A failed overlay has said why once; it stays failed until remounted.
+                if d.overlay().is_some_and(|o| o.is_dirty() && !o.failed())
                     && let Err(e) = d.flush()
                 {
                     log::error!("{}: periodic checkpoint failed: {e}", d.name());

@@ -92,13 +92,22 @@ pub struct VdiskFs {
     uid: u32,
     gid: u32,
     mtime: SystemTime,
+    /// Writable disks are writable by everyone (mode 0666), not only by their owner.
+    others_write: bool,
 }
 
 impl VdiskFs {
     pub fn new(disks: Vec<Disk>) -> Self {
         // SAFETY: getuid/getgid cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        VdiskFs { disks, uid, gid, mtime: SystemTime::now() }
+        VdiskFs { disks, uid, gid, mtime: SystemTime::now(), others_write: false }
+    }
+
+    /// Lets every user write the writable disks (the kernel enforces the modes: see
+    /// `default_permissions` at mount).
+    pub fn others_write(mut self, yes: bool) -> Self {
+        self.others_write = yes;
+        self
     }
 
     pub fn disks(&self) -> &[Disk] {
@@ -128,7 +137,11 @@ impl VdiskFs {
             kind: NodeKind::File,
             size: d.size(),
             allocated: d.allocated(),
-            perm: if d.writable() { 0o644 } else { 0o444 },
+            perm: match (d.writable(), self.others_write) {
+                (true, true) => 0o666,
+                (true, false) => 0o644,
+                (false, _) => 0o444,
+            },
             mtime: d.mtime(),
             uid: self.uid,
             gid: self.gid,
@@ -207,8 +220,8 @@ impl VdiskFs {
     }
 
     /// `fallocate`: PUNCH_HOLE (with KEEP_SIZE) and ZERO_RANGE make the range read as zeros; a
-    /// plain allocation inside the disk is a no-op (the space exists); anything that would change
-    /// the size is refused.
+    /// plain allocation reserves the overlay's space for the range (ENOSPC when there is none,
+    /// EOPNOTSUPP when its file system cannot); anything that would change the size is refused.
     pub fn fallocate(&self, ino: u64, offset: u64, len: u64, mode: i32) -> Result<()> {
         let d = self.disk(ino)?;
         let end = offset.checked_add(len).ok_or(FsError::RangeOverflows)?;
@@ -225,7 +238,7 @@ impl VdiskFs {
         if punch || zero {
             return d.discard(offset, len);
         }
-        if d.writable() { Ok(()) } else { d.write(0, &[]).map(|_| ()) }
+        d.reserve(offset, len)
     }
 
     /// SEEK_DATA / SEEK_HOLE. `None` means ENXIO (no data at or after `offset`, or past the end).
@@ -237,9 +250,14 @@ impl VdiskFs {
         }
     }
 
+    /// The disks' total size, and as free space what the overlays can still take (the least of
+    /// them; none when read-only, or when an overlay has failed).
     pub fn statfs(&self) -> Statfs {
         let total: u64 = self.disks.iter().map(|d| d.size()).sum();
-        Statfs { blocks: total.div_ceil(4096), bfree: 0, files: self.disks.len() as u64 + 1, bsize: 4096 }
+        let blocks = total.div_ceil(4096);
+        let overlays = self.disks.iter().map(|d| d.overlay().filter(|o| o.writable()).map_or(0, |o| o.available()));
+        let bfree = (overlays.min().unwrap_or(0) / 4096).min(blocks);
+        Statfs { blocks, bfree, files: self.disks.len() as u64 + 1, bsize: 4096 }
     }
 }
 

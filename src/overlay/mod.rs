@@ -26,13 +26,17 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::MmapMut;
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, ErrorKind, Kind, Result};
 
+mod checkpoint;
+mod file;
 mod header;
+mod write;
 
+pub use self::file::OverlayFile;
 pub use self::header::OverlayHeader;
 use self::header::{HEADER, PAGE};
 
@@ -49,8 +53,11 @@ pub enum OverlayError {
     InUse,
     #[error("overlay cluster size {0} must be a power of two, 512 B to 16 MiB")]
     ClusterSize(u64),
-    #[error("not a vdiskfs overlay (bad magic)")]
+    #[error("not a vdiskfs overlay (bad magic); refusing to overwrite it")]
     BadMagic,
+    /// The path exists and is no regular file (a block device, a FIFO, a directory...).
+    #[error("not a vdiskfs overlay: a {0}, not a regular file; refusing to use it")]
+    NotAFile(&'static str),
     #[error("overlay header CRC mismatch (stored {stored:#010x}, computed {computed:#010x})")]
     HeaderChecksum { stored: u32, computed: u32 },
     #[error("unsupported overlay version {0}")]
@@ -69,8 +76,15 @@ pub enum OverlayError {
     OtherDisk { recorded: String, recorded_size: u64, chain: String, chain_size: u64 },
     #[error("overlay attached read-only")]
     ReadOnly,
-    #[error("an earlier checkpoint failed; refusing further writes")]
-    CheckpointFailed,
+    #[error(
+        "an earlier write-back or sync of the overlay failed (see the log): writes, fsync and flush fail until it is remounted"
+    )]
+    Failed,
+    /// A read of a range changed since the last good checkpoint of a failed overlay.
+    #[error(
+        "virtual {0:#x} changed after the overlay's last good checkpoint, and a sync failed since: what the overlay holds there is unknown until it is remounted"
+    )]
+    Unsettled(u64),
     #[error("write past the end of the disk")]
     WritePastEnd,
     #[error("overlay map entry for cluster {0} is invalid")]
@@ -86,6 +100,7 @@ impl ErrorKind for OverlayError {
             OverlayError::NotFound => Kind::NotFound,
             OverlayError::InUse => Kind::Denied,
             OverlayError::ClusterSize(_) | OverlayError::WritePastEnd => Kind::Usage,
+            OverlayError::NotAFile(_) => Kind::Mismatch,
             OverlayError::BadMagic
             | OverlayError::HeaderChecksum { .. }
             | OverlayError::ClusterShift(_)
@@ -98,7 +113,7 @@ impl ErrorKind for OverlayError {
             OverlayError::OtherDisk { .. } => Kind::Mismatch,
             OverlayError::ReadOnly => Kind::ReadOnly,
             // The durable state is unknown after a failed sync: an I/O error, reported as EIO.
-            OverlayError::CheckpointFailed => Kind::Io,
+            OverlayError::Failed | OverlayError::Unsettled(_) => Kind::Io,
         }
     }
 }
@@ -127,7 +142,7 @@ impl ClusterState {
 #[derive(Debug)]
 pub struct Overlay {
     path: PathBuf,
-    file: File,
+    file: Box<dyn OverlayFile>,
     header: OverlayHeader,
     /// Private (copy-on-write) mapping of the map region: changes stay in memory until a checkpoint.
     map: MmapMut,
@@ -137,6 +152,11 @@ pub struct Overlay {
     /// Writers hold it shared; a checkpoint holds it exclusively (see the module doc).
     epoch: RwLock<()>,
     stripes: Vec<Mutex<()>>,
+    /// Clusters changed since the last good checkpoint.
+    changed: Mutex<checkpoint::ClusterRanges>,
+    /// Held by the one checkpoint running.
+    checkpointing: Mutex<()>,
+    /// A write-back or sync failed (see `checkpoint.rs`).
     failed: AtomicBool,
 }
 
@@ -168,6 +188,20 @@ fn lock(file: &File, writable: bool) -> Result<(), OverlayError> {
     Ok(())
 }
 
+/// What a path that is no regular file is, for an error.
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    match () {
+        _ if t.is_dir() => "directory",
+        _ if t.is_block_device() => "block device",
+        _ if t.is_char_device() => "character device",
+        _ if t.is_fifo() => "FIFO",
+        _ if t.is_socket() => "socket",
+        _ => "special file",
+    }
+}
+
 /// Writes the header of a new overlay into the empty `file` and sizes it, durably.
 fn create(file: &File, path: &Path, cluster: u64, virtual_size: u64, identity: &str) -> Result<OverlayHeader> {
     if !cluster.is_power_of_two() || !(512..=16 << 20).contains(&cluster) {
@@ -176,6 +210,15 @@ fn create(file: &File, path: &Path, cluster: u64, virtual_size: u64, identity: &
     }
     let h = OverlayHeader::new(cluster, virtual_size, identity);
     file.write_all_at(&h.encode(), 0).map_err(|e| io(path, "writing overlay header", e))?;
+    // The map's blocks exist from the start: a checkpoint rewrites them in place, so it never
+    // needs space (it still works, and makes the acknowledged writes durable, on a full disk).
+    let zeros = vec![0u8; 1 << 20];
+    let (mut at, map_end) = (h.map_offset, (h.map_offset + h.map_bytes).next_multiple_of(PAGE));
+    while at < map_end {
+        let n = (map_end - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at).map_err(|e| io(path, "writing overlay map", e))?;
+        at += n as u64;
+    }
     // Full apparent size (sparse): every data offset reads, zeros until written.
     file.set_len(h.data_offset + virtual_size).map_err(|e| io(path, "sizing overlay", e))?;
     file.sync_all().map_err(|e| io(path, "syncing new overlay", e))?;
@@ -188,9 +231,27 @@ fn create(file: &File, path: &Path, cluster: u64, virtual_size: u64, identity: &
 impl Overlay {
     /// Creates FILE for a chain, or reattaches it. Refuses an overlay made for another chain.
     pub fn attach(path: &Path, virtual_size: u64, identity: &str, cluster: u64, writable: bool) -> Result<Overlay> {
+        Self::attach_with(path, virtual_size, identity, cluster, writable, |f| Box::new(f))
+    }
+
+    /// [`Overlay::attach`], with the opened (and locked) file wrapped by `wrap` before the
+    /// overlay uses it: tests record or fail what the overlay does to its file this way.
+    pub fn attach_with(
+        path: &Path,
+        virtual_size: u64,
+        identity: &str,
+        cluster: u64,
+        writable: bool,
+        wrap: impl FnOnce(File) -> Box<dyn OverlayFile>,
+    ) -> Result<Overlay> {
         let in_file = |e: OverlayError| Error::from(e).in_file(path.display());
-        if !writable && !path.exists() {
-            return Err(in_file(OverlayError::NotFound));
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !writable => {
+                return Err(in_file(OverlayError::NotFound));
+            }
+            // Checked before opening: opening a FIFO blocks, a device may act on open.
+            Ok(m) if !m.is_file() => return Err(in_file(OverlayError::NotAFile(file_kind(&m)))),
+            _ => {}
         }
         let file = OpenOptions::new()
             .read(true)
@@ -199,11 +260,20 @@ impl Overlay {
             .truncate(false)
             .open(path)
             .map_err(|e| io(path, "cannot open overlay", e))?;
+        let meta = file.metadata().map_err(|e| io(path, "stat", e))?;
+        if !meta.is_file() {
+            // Replaced between the check and the open.
+            return Err(in_file(OverlayError::NotAFile(file_kind(&meta))));
+        }
         lock(&file, writable).map_err(in_file)?;
-        let len = file.metadata().map_err(|e| io(path, "stat", e))?.len();
+        let len = meta.len();
         let header = if len == 0 {
             create(&file, path, cluster, virtual_size, identity)?
         } else {
+            if len < HEADER {
+                // Some other small file: not ours to overwrite.
+                return Err(in_file(OverlayError::BadMagic));
+            }
             let mut b = vec![0u8; HEADER as usize];
             file.read_exact_at(&mut b, 0).map_err(|e| io(path, "reading overlay header", e))?;
             let h = OverlayHeader::parse(&b, len).map_err(in_file)?;
@@ -217,11 +287,10 @@ impl Overlay {
             }
             h
         };
-        // SAFETY: a private mapping of a file we hold a lock on; changes never reach the file
-        // through the mapping (they are written explicitly at checkpoints).
-        let map =
-            unsafe { MmapOptions::new().offset(header.map_offset).len(header.map_bytes as usize).map_copy(&file) }
-                .map_err(|e| io(path, "mapping overlay map", e))?;
+        let file = wrap(file);
+        let map = file
+            .map_private(header.map_offset, header.map_bytes as usize)
+            .map_err(|e| io(path, "mapping overlay map", e))?;
         let ov = Overlay {
             path: path.to_path_buf(),
             file,
@@ -231,6 +300,8 @@ impl Overlay {
             dirty: Mutex::new(Default::default()),
             epoch: RwLock::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            changed: Mutex::new(Default::default()),
+            checkpointing: Mutex::new(()),
             failed: AtomicBool::new(false),
         };
         Ok(ov)
@@ -296,8 +367,9 @@ impl Overlay {
 
     /// Reads overlay data (state `Data`) at virtual `offset`.
     pub fn read_data(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.check_settled(offset, buf.len() as u64)?;
         self.file
-            .read_exact_at(buf, self.header.data_offset + offset)
+            .read_at(buf, self.header.data_offset + offset)
             .map_err(|e| io(&self.path, &format!("reading overlay data at virtual {offset:#x}"), e))
     }
 
@@ -305,177 +377,16 @@ impl Overlay {
         if !self.writable {
             return Err(Error::from(OverlayError::ReadOnly).in_file(self.path.display()));
         }
-        if self.failed.load(Ordering::Acquire) {
-            return Err(Error::from(OverlayError::CheckpointFailed).in_file(self.path.display()));
-        }
-        Ok(())
+        self.check_not_failed()
     }
 
-    /// Locks the stripes of clusters `first..=last` in a fixed order.
-    fn lock_clusters(&self, first: u64, last: u64) -> Vec<parking_lot::MutexGuard<'_, ()>> {
-        let mut idx: Vec<usize> =
-            (first..=last.min(first + STRIPES as u64)).map(|c| (c % STRIPES as u64) as usize).collect();
-        idx.sort_unstable();
-        idx.dedup();
-        idx.into_iter().map(|i| self.stripes[i].lock()).collect()
-    }
-
-    /// Writes `data` at virtual `offset`. `fill` reads the chain's bytes for read-modify-write.
-    pub fn write(&self, offset: u64, data: &[u8], fill: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<()> {
-        self.check_writable()?;
-        let end = offset + data.len() as u64;
-        if end > self.header.virtual_size {
-            return Err(OverlayError::WritePastEnd.into());
+    /// Bytes that can still be written to the overlay's file system; 0 when the overlay is
+    /// read-only or failed (what `statfs` reports as free).
+    pub fn available(&self) -> u64 {
+        if !self.writable || self.failed() {
+            return 0;
         }
-        if data.is_empty() {
-            return Ok(());
-        }
-        let cl = self.header.cluster;
-        let _epoch = self.epoch.read();
-        let _locks = self.lock_clusters(offset / cl, (end - 1) / cl);
-        let mut pos = offset;
-        while pos < end {
-            let c = pos / cl;
-            let cstart = c * cl;
-            let cend = (cstart + cl).min(self.header.virtual_size);
-            let wend = end.min(cend);
-            let piece = &data[(pos - offset) as usize..(wend - offset) as usize];
-            let whole = pos == cstart && wend == cend;
-            match self.state(c) {
-                ClusterState::Data => self.put(pos, piece)?,
-                // A punched cluster reads zeros from the file: a partial write needs no fill.
-                ClusterState::Zero => {
-                    self.put(pos, piece)?;
-                    self.set_state(c, ClusterState::Data);
-                }
-                ClusterState::Chain if whole => {
-                    self.put(pos, piece)?;
-                    self.set_state(c, ClusterState::Data);
-                }
-                ClusterState::Chain => {
-                    let mut buf = vec![0u8; (cend - cstart) as usize];
-                    fill(cstart, &mut buf)?;
-                    buf[(pos - cstart) as usize..(wend - cstart) as usize].copy_from_slice(piece);
-                    self.put(cstart, &buf)?;
-                    self.set_state(c, ClusterState::Data);
-                }
-                ClusterState::Invalid => {
-                    return Err(Error::from(OverlayError::InvalidCluster(c)).in_file(self.path.display()));
-                }
-            }
-            pos = wend;
-        }
-        Ok(())
-    }
-
-    fn put(&self, offset: u64, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all_at(data, self.header.data_offset + offset)
-            .map_err(|e| io(&self.path, &format!("writing overlay data at virtual {offset:#x}"), e))
-    }
-
-    /// Makes `[offset, offset + len)` read as zeros; whole clusters are punched out of the file.
-    pub fn discard(&self, offset: u64, len: u64, fill: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<()> {
-        self.check_writable()?;
-        let end = offset.saturating_add(len).min(self.header.virtual_size);
-        if offset >= end {
-            return Ok(());
-        }
-        let cl = self.header.cluster;
-        let first_whole = offset.next_multiple_of(cl);
-        let last_whole = if end == self.header.virtual_size { end } else { end / cl * cl };
-        // Partial clusters at the edges become zeros through the write path.
-        let zero_edge = |from: u64, to: u64| -> Result<()> {
-            if from < to { self.write(from, &vec![0u8; (to - from) as usize], fill) } else { Ok(()) }
-        };
-        if first_whole >= last_whole {
-            return zero_edge(offset, end);
-        }
-        zero_edge(offset, first_whole)?;
-        zero_edge(last_whole, end)?;
-        let _epoch = self.epoch.read();
-        let (first, last) = (first_whole / cl, (last_whole - 1) / cl);
-        let mut c = first;
-        while c <= last {
-            let upto = (c + STRIPES as u64 - 1).min(last);
-            let _locks = self.lock_clusters(c, upto);
-            for k in c..=upto {
-                if self.state(k) != ClusterState::Zero {
-                    self.set_state(k, ClusterState::Zero);
-                }
-            }
-            c = upto + 1;
-        }
-        let at = self.header.data_offset + first_whole;
-        let n = last_whole - first_whole;
-        // SAFETY: fallocate on an owned descriptor.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                at as libc::off_t,
-                n as libc::off_t,
-            )
-        };
-        if r != 0 {
-            // The map already says zeros; without a hole the stale bytes would only waste space,
-            // but a later partial write relies on the hole reading zeros: write them.
-            let e = std::io::Error::last_os_error();
-            log::warn!("{}: punching a hole failed ({e}); writing zeros instead", self.path.display());
-            let zeros = vec![0u8; (cl as usize).min(n as usize)];
-            let mut p = first_whole;
-            while p < last_whole {
-                let k = (last_whole - p).min(zeros.len() as u64) as usize;
-                self.put(p, &zeros[..k])?;
-                p += k as u64;
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes every write so far durable (see the module doc for the ordering).
-    pub fn checkpoint(&self) -> Result<()> {
-        if !self.writable {
-            return Ok(());
-        }
-        // Phase 1, without blocking writers: flush the bulk of the dirty data, again while writers
-        // keep it slow, so that phase 2 has little left.
-        for _ in 0..4 {
-            let t = std::time::Instant::now();
-            self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay data", e))?;
-            if t.elapsed() < std::time::Duration::from_millis(50) {
-                break;
-            }
-        }
-        // Phase 2, exclusive: flush what arrived meanwhile, then the map, in that order.
-        let _epoch = self.epoch.write();
-        let pages: Vec<u64> = std::mem::take(&mut *self.dirty.lock()).into_iter().collect();
-        let r = (|| {
-            self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay data", e))?;
-            if pages.is_empty() {
-                return Ok(());
-            }
-            for p in &pages {
-                let s = (p * PAGE) as usize;
-                let e = (s + PAGE as usize).min(self.map.len());
-                self.file
-                    .write_all_at(&self.map[s..e], self.header.map_offset + s as u64)
-                    .map_err(|e| io(&self.path, "writing overlay map", e))?;
-            }
-            self.file.sync_data().map_err(|e| io(&self.path, "syncing overlay map", e))
-        })();
-        if let Err(e) = &r {
-            // The durable state is unknown from here on: stop taking writes rather than promise.
-            self.failed.store(true, Ordering::Release);
-            self.dirty.lock().extend(pages);
-            log::error!("{e}");
-        }
-        r
-    }
-
-    /// True when map changes wait for a checkpoint.
-    pub fn is_dirty(&self) -> bool {
-        !self.dirty.lock().is_empty()
+        self.file.available().unwrap_or(0)
     }
 
     /// Bytes of data the overlay holds (clusters in state Data).
@@ -499,73 +410,11 @@ fn push_run(out: &mut Vec<Run>, start: u64, len: u64, state: ClusterState) {
 
 impl Drop for Overlay {
     fn drop(&mut self) {
-        if self.writable && self.is_dirty() {
+        if self.writable && self.is_dirty() && !self.failed() {
             let _ = self.checkpoint();
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fill_pattern(off: u64, buf: &mut [u8]) -> Result<()> {
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = ((off + i as u64) % 251) as u8;
-        }
-        Ok(())
-    }
-
-    fn read(ov: &Overlay, off: u64, len: u64) -> Vec<u8> {
-        let mut out = vec![0u8; len as usize];
-        for r in ov.runs(off, len) {
-            let b = &mut out[(r.start - off) as usize..(r.start - off + r.len) as usize];
-            match r.state {
-                ClusterState::Chain => fill_pattern(r.start, b).unwrap(),
-                ClusterState::Data => ov.read_data(r.start, b).unwrap(),
-                ClusterState::Zero => b.fill(0),
-                ClusterState::Invalid => panic!("invalid"),
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn small_writes_merge_with_the_chain_and_survive_reattach() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("o.ovl");
-        let size = 1 << 20;
-        let mut model = vec![0u8; size as usize];
-        fill_pattern(0, &mut model).unwrap();
-        {
-            let ov = Overlay::attach(&p, size, "id", 4096, true).unwrap();
-            ov.write(1000, &[7u8; 512], &fill_pattern).unwrap();
-            model[1000..1512].fill(7);
-            ov.discard(8192, 3 * 4096 + 100, &fill_pattern).unwrap();
-            model[8192..8192 + 3 * 4096 + 100].fill(0);
-            ov.write(8192 + 4096 + 10, &[9u8; 20], &fill_pattern).unwrap();
-            model[8192 + 4096 + 10..8192 + 4096 + 30].fill(9);
-            assert_eq!(read(&ov, 0, size), model);
-            ov.checkpoint().unwrap();
-        }
-        let ov = Overlay::attach(&p, size, "id", 4096, true).unwrap();
-        assert_eq!(read(&ov, 0, size), model);
-        assert!(Overlay::attach(&t.path().join("o2"), size, "id", 4096, true).is_ok());
-        drop(ov);
-        let e = Overlay::attach(&p, size, "other", 4096, true).unwrap_err();
-        assert!(e.to_string().contains("different disk"), "{e}");
-    }
-
-    #[test]
-    fn unsynced_map_changes_are_not_in_the_file() {
-        let t = tempfile::tempdir().unwrap();
-        let p = t.path().join("o.ovl");
-        let ov = Overlay::attach(&p, 1 << 20, "id", 4096, true).unwrap();
-        ov.write(0, &[1u8; 4096], &fill_pattern).unwrap();
-        let on_disk = std::fs::read(&p).unwrap();
-        assert_eq!(on_disk[HEADER as usize], 0, "the map reaches the file only at a checkpoint");
-        ov.checkpoint().unwrap();
-        assert_eq!(std::fs::read(&p).unwrap()[HEADER as usize], 1);
-        std::mem::forget(ov); // simulate a crash: no drop-time checkpoint
-    }
-}
+mod tests;

@@ -220,7 +220,8 @@ fn mkfs_and_file_writes_through_a_loop_device_at_a_partition_offset() {
     assert_eq!(hashes(std::slice::from_ref(&base)), before, "the source changed");
 }
 
-fn daemon_pid(mnt: &Path) -> Option<i32> {
+/// The pid of the vdiskfs serving `mnt`.
+pub fn daemon_pid(mnt: &Path) -> Option<i32> {
     let want = mnt.to_string_lossy().into_owned();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: i32 = e.file_name().to_string_lossy().parse().ok()?;

@@ -313,7 +313,9 @@ pub fn read_files_in_partition(raw: &Path, part: (u64, u64), names: &[&str]) -> 
     std::fs::create_dir(&m).unwrap();
     sh(&format!("mount -t ext4 -o ro,noload {} {}", lo.0, m.display()));
     let out = names.iter().map(|n| std::fs::read(m.join(n))).collect::<Vec<_>>();
-    sh(&format!("umount {}", m.display()));
+    // A child another test forks right then holds our descriptors until it execs: a moment.
+    let umount = || Command::new("umount").arg(&m).status().is_ok_and(|s| s.success());
+    assert!(wait_for(5, umount), "umount {} stays busy", m.display());
     drop(lo);
     out.into_iter().map(|r| r.expect("read file in guest fs")).collect()
 }
