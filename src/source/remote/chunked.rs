@@ -126,12 +126,15 @@ impl RemoteSource {
     ) -> RemoteSource {
         let chunk = opts.chunk.max(4096) as u64;
         let disk = cache.map(|c| {
-            let key = EntryKey::new(&loc.to_string(), stat.size, stat.mtime, chunk);
-            (c, key)
+            // A version tag (an HTTP ETag) joins the name, so a new version is a new entry.
+            let version = transport.version();
+            let name = if version.is_empty() { loc.to_string() } else { format!("{loc}\nversion {version}") };
+            (c, EntryKey::new(&name, stat.size, stat.mtime, chunk))
         });
-        let (host, path) = match loc.as_ssh() {
-            Some(s) => (hash(&s.host), hash(&s.path)),
-            None => (0, hash(loc.to_string())),
+        let (host, path) = match (&loc, loc.as_ssh()) {
+            (_, Some(s)) => (hash(&s.host), hash(&s.path)),
+            (Location::Http(u), _) => (hash(&u.origin), hash(u.to_string())),
+            _ => (0, hash(loc.to_string())),
         };
         let id = FileId { dev: host, ino: path, size: stat.size, mtime_ns: stat.mtime as i128 * 1_000_000_000 };
         let sh = Shared {
