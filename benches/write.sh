@@ -77,7 +77,7 @@ for _ in $(seq "$REPS"); do
     teardown
   done
   tm() { local t0 t1; fresh; t0=$(date +%s.%N); "$@" >/dev/null 2>&1; t1=$(date +%s.%N); echo "$t1 - $t0" | bc -l | xargs printf '%.2f'; }
-  S[export]+="$(tm "$V" export --quiet disk.vhd /dev/shm/vdiskfs-wbench-e.raw) "; rm -f /dev/shm/vdiskfs-wbench-e.raw
+  S[export]+="$(tm "$V" export --quiet --no-state disk.vhd /dev/shm/vdiskfs-wbench-e.raw) "; rm -f /dev/shm/vdiskfs-wbench-e.raw
   S[convert]+="$(tm qemu-img convert -f vpc -O raw disk.vhd /dev/shm/vdiskfs-wbench-c.raw) "; rm -f /dev/shm/vdiskfs-wbench-c.raw
 done
 declare -A R

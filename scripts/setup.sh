@@ -74,7 +74,23 @@ fi
 # dissect.hypervisor: a third independent reader for SESparse and COWD. Pinned: the tests
 # assert the defects of these versions.
 pip_pkgs=(dissect.hypervisor==3.21 dissect.cstruct==4.7 dissect.util==3.24)
-python3 -m pip install -q "${pip_pkgs[@]}" 2>/dev/null ||
-  python3 -m pip install -q --break-system-packages "${pip_pkgs[@]}"
+# The interpreter itself, not a version-manager shim: a shim's post-install hook (pyenv rehash)
+# can fail on a lock some other process left behind and fail the install with it.
+py=$(python3 -c 'import sys; print(sys.executable)')
+if "$py" - "${pip_pkgs[@]}" <<'PY'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    ok = all(version(n) == v for n, v in (p.split("==") for p in sys.argv[1:]))
+except PackageNotFoundError:
+    ok = False
+sys.exit(0 if ok else 1)
+PY
+then
+  echo "setup: ${pip_pkgs[*]} already installed"
+else
+  "$py" -m pip install -q "${pip_pkgs[@]}" 2>/dev/null ||
+    "$py" -m pip install -q --break-system-packages "${pip_pkgs[@]}"
+fi
 
 echo "setup: done"

@@ -41,7 +41,8 @@ Examples:
   vdiskfs info --http-user root --pin-sha256 AB:CD:… 'https://esx/folder/vm/vm-000002.vmdk?dcPath=ha-datacenter&dsName=ds1'
                                               over HTTPS from ESXi (password in VDISKFS_HTTP_PASSWORD)
   vdiskfs mount --compose mbr --bootable 1 --part-type 2=swap raw:/dev/vg/root raw:/dev/vg/swap /mnt/v
-                                              one partitioned disk, /mnt/v/disk.raw, from two volumes";
+                                              one partitioned disk, /mnt/v/disk.raw, from two volumes
+  vdiskfs sync --exclude-top vm-000002.vmdk vm.raw    only what changed since vm.raw was written";
 
 #[derive(Debug, Parser)]
 #[command(name = "vdiskfs", version, about = ABOUT, long_about = LONG_ABOUT)]
@@ -102,6 +103,26 @@ Examples:
   vdiskfs export --overlay fixups.ovl --verify vm-snap.vhd /dev/vg0/vm-disk
   vdiskfs export --compose mbr --part-offset 16KiB raw:/dev/xen/vm-disk /dev/kvm/vm-disk")]
     Export(ExportArgs),
+    /// Write to TARGET only what changed since its last export or sync (warm migration).
+    #[command(long_about = "\
+Write to TARGET only what the chain's layers above the one TARGET holds decide: their data, and
+their zero and unmapped blocks as zeros (they mask older data on the target). TARGET's state
+(written by export and by each sync) names the chain it holds; it is TARGET.vdiskfs-sync.json
+beside a file target, or --state FILE (required for a block device). Refused, with one line
+saying why: a chain that does not contain the recorded top (a reverted snapshot or another VM),
+a changed virtual size, the state of another target, or a target changed since its last step.
+The state says a sync is in progress while it writes, so a sync that was interrupted can be
+run again to finish; it names the new top only once the target is durable. --dry-run prints
+what would be written and an estimated time at the source's measured read rate.
+
+Warm migration (ESXi; XenServer and Hyper-V alike, see the README):
+  vim-cmd vmsvc/snapshot.create 95 snap1
+  vdiskfs export --exclude-top --state vm.state vm-000001.vmdk /dev/sdb    base, VM running
+  vim-cmd vmsvc/snapshot.create 95 snap2
+  vdiskfs sync --exclude-top --state vm.state vm-000002.vmdk /dev/sdb      snap1, VM running
+  vim-cmd vmsvc/power.shutdown 95
+  vdiskfs sync --state vm.state vm-000002.vmdk /dev/sdb                    the last delta")]
+    Sync(SyncArgs),
     /// Verify every stored checksum (XVA chunks) by reading all data; report each bad range.
     #[command(long_about = "\
 Read every allocated byte of every disk of IMAGE through the normal read path, so that every
@@ -120,6 +141,7 @@ impl Command {
     /// `mount` and `export` are not, and must never die of SIGPIPE.
     pub fn prints_to_stdout(&self) -> bool {
         matches!(self, Command::Info(_) | Command::Map(_) | Command::Check(_))
+            || matches!(self, Command::Sync(a) if a.dry_run)
     }
 }
 
@@ -172,6 +194,11 @@ pub struct OpenArgs {
     pub http: HttpArgs,
     #[command(flatten)]
     pub compose: ComposeArgs,
+    /// Treat the chain as if IMAGE (its top) were absent: the disk is IMAGE's parent chain. For
+    /// the running VM's active image, which the hypervisor is still writing (ESXi keeps its
+    /// extent locked; only its descriptor is read). The disk keeps IMAGE's name.
+    #[arg(long)]
+    pub exclude_top: bool,
 }
 
 impl OpenArgs {
@@ -218,6 +245,7 @@ impl OpenArgs {
             xva: xva::Options { cache_dir: Some(cache_dir), verify: !self.no_verify, ..Default::default() },
             remote,
             compose: self.compose.spec()?,
+            exclude_top: self.exclude_top,
             ..OpenOptions::default()
         })
     }
@@ -257,7 +285,7 @@ fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 /// A path from the command line, made absolute (the daemon changes its directory to `/`).
-fn absolute(p: &Path) -> Result<PathBuf> {
+pub fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::io(p.display().to_string(), e))
 }
 
@@ -418,6 +446,40 @@ pub struct ExportArgs {
     /// Re-read the target afterwards and compare it with the disk.
     #[arg(long)]
     pub verify: bool,
+    /// Copy threads.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub threads: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Record what TARGET now holds in FILE, for a later `vdiskfs sync` [default:
+    /// TARGET.vdiskfs-sync.json beside a file target; a block device needs this].
+    #[arg(long, value_name = "FILE", conflicts_with = "no_state")]
+    pub state: Option<PathBuf>,
+    /// Record no sync state (and leave an existing one alone).
+    #[arg(long)]
+    pub no_state: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    /// The top of the chain (with --exclude-top: the running VM's active image).
+    pub image: PathBuf,
+    /// The file or block device an earlier export or sync wrote.
+    pub target: PathBuf,
+    #[command(flatten)]
+    pub open: OpenArgs,
+    /// The target's sync state [default: TARGET.vdiskfs-sync.json beside a file target; a block
+    /// device needs this].
+    #[arg(long, value_name = "FILE")]
+    pub state: Option<PathBuf>,
+    /// Print what would be written (ranges, bytes per layer, total, estimated time at the
+    /// measured read rate of the source) and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// With --dry-run: the plan as JSON, every range.
+    #[arg(long, requires = "dry_run")]
+    pub json: bool,
     /// Copy threads.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub threads: usize,

@@ -17,6 +17,9 @@
 //!  fuse        thin fuser::Filesystem adapter: Result → reply, Error → errno
 //! ```
 //!
+//! Beside the read path: `export` writes a disk to a file or block device, and `sync` keeps a
+//! record of the chain a target holds and writes only the layers above it (warm migration).
+//!
 //! The library is the engine; the command line (`cli`, `cmd/`) belongs to the binary. See
 //! ARCHITECTURE.md for the rule each layer keeps and where new formats and sources plug in.
 
@@ -34,5 +37,6 @@ pub mod open;
 pub mod overlay;
 pub mod progress;
 pub mod source;
+pub mod sync;
 
 pub use error::{Error, ErrorKind, Kind, Result};

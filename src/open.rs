@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::chain::{Chain, Limits, Link, ParentResolver};
+use crate::chain::{Chain, ChainError, Limits, Link, ParentResolver};
 use crate::compose::{self, ComposeError, ComposedLayer};
 use crate::disk::Disk;
 use crate::error::{Error, Result};
@@ -35,6 +35,9 @@ pub struct OpenOptions {
     pub remote: RemoteOptions,
     /// Compose every IMAGE into one partitioned disk, as this says (`--compose`).
     pub compose: Option<compose::Spec>,
+    /// Leave each chain's top out, as if it were absent (`--exclude-top`): the running VM's
+    /// active image. It is read only for its parent link; the disk keeps its name.
+    pub exclude_top: bool,
 }
 
 /// An IMAGE as the user names it: `raw:PATH` for a raw volume read as is, anything else for an
@@ -91,6 +94,7 @@ impl Default for OpenOptions {
             xva: Default::default(),
             remote: RemoteOptions::default(),
             compose: None,
+            exclude_top: false,
         }
     }
 }
@@ -160,6 +164,15 @@ fn open_image(
         return Ok(vec![(name, Chain::from_layers(vec![layer], opts.map_cache_bytes), mtime)]);
     }
     let ctx = FormatContext { gate: &gate, xva: &opts.xva, progress };
+    if opts.exclude_top {
+        let loc = src.location().clone();
+        let layer =
+            formats::open_parent_link(src, &ctx)?.ok_or_else(|| Error::from(ChainError::NothingBelow).in_file(&loc))?;
+        let top = Link { layer, id, found: None };
+        let chain = Chain::open_below(top, &Resolver { ctx }, opts.limits, opts.map_cache_bytes)?;
+        note_identities(&chain)?;
+        return Ok(vec![(name, chain, mtime)]);
+    }
     match formats::open(src, &ctx)? {
         Opened::Layer(layer) => {
             let top = Link { layer, id, found: None };

@@ -71,6 +71,8 @@ const MAX_WINDOW: u64 = 1 << 30;
 /// The extents of `[from, end)` in order, merged across window boundaries.
 pub struct Extents<'a> {
     chain: &'a Chain,
+    /// Layers from this depth down are not asked (see `Chain::walk_above`).
+    limit: usize,
     pos: u64,
     end: u64,
     window: u64,
@@ -79,9 +81,10 @@ pub struct Extents<'a> {
 }
 
 impl<'a> Extents<'a> {
-    pub(super) fn new(chain: &'a Chain, from: u64, end: u64) -> Self {
+    pub(super) fn new(chain: &'a Chain, from: u64, end: u64, limit: usize) -> Self {
         Extents {
             chain,
+            limit,
             pos: from,
             end: end.min(chain.size()),
             window: FIRST_WINDOW,
@@ -93,7 +96,7 @@ impl<'a> Extents<'a> {
     /// Resolves the next window into `ready`, merging its first extent into the last one held.
     fn fill(&mut self) -> Result<()> {
         let n = self.window.min(self.end - self.pos);
-        for e in self.chain.extents(self.pos, n)? {
+        for e in self.chain.extents_above(self.pos, n, self.limit)? {
             match self.ready.back_mut() {
                 Some(last) if last.continued_by(&e) => last.len += e.len,
                 _ => self.ready.push_back(e),

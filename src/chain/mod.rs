@@ -32,6 +32,9 @@ const MAP_SHARDS: usize = 16;
 /// A chain of layers, top first.
 pub struct Chain {
     layers: Vec<Arc<dyn Layer>>,
+    /// The top the user named but asked to leave out (`--exclude-top`), opened for its parent
+    /// link only.
+    excluded: Option<Arc<dyn Layer>>,
     /// How each parent was found (index 0, the top, is `None`).
     found: Vec<Option<FoundBy>>,
     size: u64,
@@ -64,11 +67,31 @@ impl Chain {
         Ok(chain)
     }
 
+    /// The chain below `top`, as if `top` were absent: its parent becomes the top. `top` is
+    /// used only to find and check its parent (a running VM's active image, which may not be
+    /// readable beyond its header or descriptor).
+    pub fn open_below(
+        top: Link,
+        resolver: &dyn ParentResolver,
+        limits: Limits,
+        map_cache_bytes: usize,
+    ) -> Result<Chain> {
+        if top.layer.parent().is_none() {
+            return Err(Error::from(ChainError::NothingBelow).in_file(top.layer.location()));
+        }
+        let mut chain = Self::open(top, resolver, limits, map_cache_bytes)?;
+        let top = chain.layers.remove(0);
+        chain.found.remove(0);
+        chain.size = chain.layers[0].virtual_size();
+        chain.excluded = Some(top);
+        Ok(chain)
+    }
+
     /// A chain over layers that were linked by the caller (top first; at least one).
     pub fn from_layers(layers: Vec<Arc<dyn Layer>>, map_cache_bytes: usize) -> Chain {
         let size = layers.first().map_or(0, |l| l.virtual_size());
         let found = vec![None; layers.len()];
-        Chain { layers, found, size, cache: ByteCache::sharded(map_cache_bytes, MAP_SHARDS) }
+        Chain { layers, excluded: None, found, size, cache: ByteCache::sharded(map_cache_bytes, MAP_SHARDS) }
     }
 
     pub fn size(&self) -> u64 {
@@ -79,6 +102,10 @@ impl Chain {
     }
     pub fn depth(&self) -> usize {
         self.layers.len()
+    }
+    /// The top left out by [`Chain::open_below`], if any.
+    pub fn excluded_top(&self) -> Option<&Arc<dyn Layer>> {
+        self.excluded.as_ref()
     }
     /// Number of map blocks currently cached (for tests and statistics).
     pub fn cached_blocks(&self) -> usize {
@@ -117,23 +144,36 @@ impl Chain {
 
     /// The extents of `[from, size)`, in order, merged: the one walk over the chain's map.
     pub fn walk(&self, from: u64) -> Extents<'_> {
-        Extents::new(self, from, self.size)
+        Extents::new(self, from, self.size, self.layers.len())
+    }
+
+    /// Like [`Chain::walk`], but the layers from depth `limit` down are never asked: whatever
+    /// the layers above leave to them comes as `Zero { depth: limit }` ("decided at or below
+    /// `limit`"). A sync needs only what the newer layers decide, and so reads no table of the
+    /// layers the target already holds.
+    pub fn walk_above(&self, from: u64, limit: usize) -> Extents<'_> {
+        Extents::new(self, from, self.size, limit.min(self.layers.len()))
     }
 
     /// Resolves `[start, start + len)` without the cache, merging adjacent extents. Layers return
     /// long spans for long unallocated runs, so this is cheap for large windows.
     pub fn extents(&self, start: u64, len: u64) -> Result<Vec<Extent>> {
+        self.extents_above(start, len, self.layers.len())
+    }
+
+    /// [`Chain::extents`] asking only the layers above depth `limit` (see [`Chain::walk_above`]).
+    pub fn extents_above(&self, start: u64, len: u64, limit: usize) -> Result<Vec<Extent>> {
         let end = start.saturating_add(len).min(self.size);
         let mut out = Vec::new();
         if start < end {
-            self.resolve(0, start, end, &mut out)?;
+            self.resolve(0, start, end, limit, &mut out)?;
         }
         Ok(out)
     }
 
-    fn resolve(&self, depth: usize, start: u64, end: u64, out: &mut Vec<Extent>) -> Result<()> {
-        let n = self.layers.len() as u16;
-        let Some(layer) = self.layers.get(depth) else {
+    fn resolve(&self, depth: usize, start: u64, end: u64, limit: usize, out: &mut Vec<Extent>) -> Result<()> {
+        let n = self.layers.len().min(limit) as u16;
+        let Some(layer) = self.layers.get(depth).filter(|_| depth < limit) else {
             push_merged(out, Extent { start, len: end - start, kind: ExtentKind::Zero { depth: n } });
             return Ok(());
         };
@@ -162,7 +202,7 @@ impl Chain {
                 },
                 SpanKind::Zero => ExtentKind::Zero { depth: depth as u16 },
                 SpanKind::Parent => {
-                    self.resolve(depth + 1, pos, pos + span.len, out)?;
+                    self.resolve(depth + 1, pos, pos + span.len, limit, out)?;
                     pos += span.len;
                     continue;
                 }
@@ -256,5 +296,78 @@ impl Chain {
             }
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{Identity, LayerInfo, ParentRef, Span};
+    use crate::source::{Location, Source};
+
+    /// A layer of fixed spans; `None` fails every `map` (a layer that must not be asked).
+    #[derive(Debug)]
+    struct Spans {
+        loc: Location,
+        spans: Option<Vec<Span>>,
+    }
+
+    impl Layer for Spans {
+        fn location(&self) -> &Location {
+            &self.loc
+        }
+        fn sources(&self) -> Vec<Arc<dyn Source>> {
+            Vec::new()
+        }
+        fn virtual_size(&self) -> u64 {
+            4096
+        }
+        fn map(&self, offset: u64, max_len: u64) -> Result<Span> {
+            let spans = self.spans.as_ref().ok_or_else(|| Error::internal("asked a layer below the limit"))?;
+            let mut at = 0;
+            for s in spans {
+                if offset < at + s.len {
+                    return Ok(Span { len: (at + s.len - offset).min(max_len), kind: s.kind });
+                }
+                at += s.len;
+            }
+            Err(Error::internal("past the end"))
+        }
+        fn read(&self, _: usize, _: u64, _: &mut [u8]) -> Result<()> {
+            Ok(())
+        }
+        fn parent(&self) -> Option<&ParentRef> {
+            None
+        }
+        fn identity(&self) -> Vec<Identity> {
+            Vec::new()
+        }
+        fn describe(&self) -> Result<LayerInfo> {
+            Err(Error::internal("not needed"))
+        }
+    }
+
+    #[test]
+    fn walk_above_never_asks_the_layers_below_the_limit() {
+        let top = Spans {
+            loc: Location::local("/top"),
+            spans: Some(vec![Span::data(1024, 0, 0), Span::parent(1024), Span::zero(2048)]),
+        };
+        let mid = Spans { loc: Location::local("/mid"), spans: Some(vec![Span::parent(1536), Span::data(2560, 0, 0)]) };
+        let base = Spans { loc: Location::local("/base"), spans: None };
+        let chain = Chain::from_layers(vec![Arc::new(top), Arc::new(mid), Arc::new(base)], 1 << 20);
+        let kinds = |limit| -> Vec<(u64, u64, usize, bool)> {
+            chain
+                .walk_above(0, limit)
+                .map(|e| e.map(|e| (e.start, e.len, e.depth(), e.is_data())))
+                .collect::<Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(kinds(1), vec![(0, 1024, 0, true), (1024, 1024, 1, false), (2048, 2048, 0, false)]);
+        assert_eq!(
+            kinds(2),
+            vec![(0, 1024, 0, true), (1024, 512, 2, false), (1536, 512, 1, true), (2048, 2048, 0, false)]
+        );
+        assert!(chain.walk(0).any(|e| e.is_err()), "the full walk asks the base");
     }
 }

@@ -61,6 +61,8 @@ pub enum ChainError {
         "parent not found: the image names {named}; looked for {looked}{refused}; use --parent-dir DIR to say where the parent is"
     )]
     NotFound { named: String, looked: String, refused: String },
+    #[error("has no parent: leaving it out (--exclude-top) would leave no disk")]
+    NothingBelow,
 }
 
 impl ErrorKind for ChainError {
@@ -69,6 +71,7 @@ impl ErrorKind for ChainError {
             ChainError::TooDeep(_) | ChainError::Cycle { .. } => Kind::Corrupt,
             ChainError::Mismatch { .. } => Kind::Mismatch,
             ChainError::NotFound { .. } => Kind::NotFound,
+            ChainError::NothingBelow => Kind::Usage,
         }
     }
 }

@@ -2,12 +2,18 @@
 
 use serde_json::json;
 use vdiskfs::Result;
+use vdiskfs::disk::Disk;
 use vdiskfs::layer::Layer;
 use vdiskfs::open::open_images;
 
 use super::human;
 use super::progress::Bar;
 use crate::cli::InfoArgs;
+
+/// The top left out with `--exclude-top`, as `info --json` shows it (null when none).
+fn excluded_json(d: &Disk) -> serde_json::Value {
+    d.chain().excluded_top().and_then(|x| x.describe().ok()).map_or(serde_json::Value::Null, |i| json!(i))
+}
 
 pub fn run(a: &InfoArgs) -> Result<()> {
     let disks = open_images(&a.images()?, &a.open.options()?, &Bar::new(true))?;
@@ -21,6 +27,7 @@ pub fn run(a: &InfoArgs) -> Result<()> {
             "disks": out.iter().map(|(d, layers)| json!({
                 "name": d.name(),
                 "virtual_size": d.size(),
+                "excluded_top": excluded_json(d),
                 "layers": layers.iter().enumerate().map(|(i, l)| {
                     let mut v = serde_json::to_value(l).expect("plain data");
                     v["depth"] = json!(i);
@@ -38,6 +45,10 @@ pub fn run(a: &InfoArgs) -> Result<()> {
     }
     for (d, layers) in &out {
         println!("disk {}: {} ({} bytes), {} layer(s)", d.name(), human(d.size()), d.size(), layers.len());
+        if let Some(x) = d.chain().excluded_top() {
+            let id = x.identity().first().map(|i| i.to_string()).unwrap_or_else(|| "none".into());
+            println!("  excluded top (--exclude-top; only its parent link was read): {} (identity {id})", x.location());
+        }
         for (i, l) in layers.iter().enumerate() {
             let role = if i == 0 {
                 " (top)"

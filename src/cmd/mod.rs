@@ -7,9 +7,13 @@ mod info;
 mod map;
 mod mount;
 mod progress;
+mod sync;
+
+use std::path::Path;
 
 use crate::cli::{Cli, Command};
-use vdiskfs::Result;
+use vdiskfs::disk::Disk;
+use vdiskfs::{Error, Result};
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
@@ -19,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Map(a) => map::run(&a),
         Command::Export(a) => export::run(&a),
         Command::Check(a) => check::run(&a),
+        Command::Sync(a) => sync::run(&a),
     }
 }
 
@@ -32,4 +37,24 @@ pub fn human(n: u64) -> String {
         i += 1;
     }
     if i == 0 { format!("{n} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+/// The disk named `want` (by `<name>.raw` or `<name>`), or the only one.
+pub fn one_disk(mut disks: Vec<Disk>, want: Option<&str>, image: &Path) -> Result<Disk> {
+    let names = |d: &[Disk]| d.iter().map(|d| d.name().to_string()).collect::<Vec<_>>().join(", ");
+    match want {
+        Some(n) => {
+            let i = disks.iter().position(|d| d.name() == n || d.name().trim_end_matches(".raw") == n).ok_or_else(
+                || Error::usage(format!("no disk {n} in {} (it has {})", image.display(), names(&disks))),
+            )?;
+            Ok(disks.swap_remove(i))
+        }
+        None if disks.len() == 1 => Ok(disks.remove(0)),
+        None => Err(Error::usage(format!(
+            "{} holds {} disks ({}); choose one with --disk NAME",
+            image.display(),
+            disks.len(),
+            names(&disks)
+        ))),
+    }
 }

@@ -132,6 +132,19 @@ pub fn open_layer(src: Arc<dyn Source>, ctx: &FormatContext) -> Result<Arc<dyn L
     }
 }
 
+/// Opens the top of a chain that is to be left out (`--exclude-top`: a running VM's active
+/// image), for what it says of its parent. A VMDK reads its descriptor only and never opens its
+/// extents, which ESXi keeps locked while the VM runs. VHD and VHDX open as usual: their headers
+/// and tables read fine while Hyper-V or XenServer writes, and none of their data is read.
+/// `None` for an XVA, which holds whole disks: no layer, no parent.
+pub fn open_parent_link(src: Arc<dyn Source>, ctx: &FormatContext) -> Result<Option<Arc<dyn Layer>>> {
+    match detect(src.as_ref())? {
+        Format::Vmdk => vmdk::open_link_only(src, ctx.gate).map(Some),
+        Format::Xva => Ok(None),
+        _ => open_layer(src, ctx).map(Some),
+    }
+}
+
 /// `<stem>.raw` for a file name: the name without its last extension.
 pub fn raw_name(file_name: &str) -> String {
     let stem = match file_name.rsplit_once('.') {

@@ -51,7 +51,7 @@ impl EntryType {
 
 /// A table of `entries` entries of one [`EntryType`] at `offset` in `src`.
 ///
-/// ```ignore
+/// ```text
 /// let bat = PagedTable::new(src, offset, blocks, EntryType::U32(Endian::Big))
 ///     .with_page_bytes(4096)
 ///     .with_cache_bytes(256 << 10);

@@ -21,6 +21,7 @@ const RANKS: &[(&str, u32)] = &[
     ("export", 6),
     ("fs", 6),
     ("open", 7),
+    ("sync", 7),
 ];
 
 /// Names the crate root re-exports, and the module each comes from.

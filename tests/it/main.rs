@@ -11,6 +11,7 @@ mod layering;
 mod overlay;
 mod robust;
 mod ssh;
+mod sync;
 mod vhd;
 mod vhd_bad;
 mod vhdx;

@@ -43,12 +43,14 @@ mod extent;
 mod grains;
 mod hosted;
 mod info;
+mod link;
 mod sesparse;
 
 use std::sync::Arc;
 
 pub use descriptor::{Descriptor, ExtentLine, ExtentType};
 pub use error::Error;
+pub use link::open_link_only;
 
 use descriptor::{Access, CreateType, MAX_DESCRIPTOR};
 use extent::{ExtentData, ExtentFiles, SparseExtent, SparseHeader, VmdkExtent};

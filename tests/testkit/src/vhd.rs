@@ -137,6 +137,12 @@ impl VhdBuilder {
         self.locator_override = Some(l);
         self
     }
+    /// Another virtual size: a leaf grown as XenServer grows a VDI (`vhd-util resize` rewrites
+    /// the leaf's footer; its parents keep theirs).
+    pub fn resized(mut self, size: u64) -> Self {
+        self.size = size;
+        self
+    }
     pub fn uuid_value(&self) -> [u8; 16] {
         self.uuid
     }
