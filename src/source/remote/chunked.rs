@@ -278,6 +278,23 @@ impl RemoteSource {
     }
 }
 
+impl Drop for RemoteSource {
+    /// Fetches already on the network (readahead, mostly) are waited for briefly, so that what
+    /// was paid for lands in the persistent cache instead of being lost when a command ends.
+    fn drop(&mut self) {
+        if self.sh.disk.is_none() {
+            return;
+        }
+        let deadline = Instant::now() + self.timeout.min(Duration::from_secs(2));
+        let slots: Vec<Arc<Slot>> = self.sh.inflight.lock().values().cloned().collect();
+        for s in slots {
+            if s.wait(deadline).is_none() {
+                break;
+            }
+        }
+    }
+}
+
 impl Source for RemoteSource {
     fn location(&self) -> &Location {
         &self.sh.loc
