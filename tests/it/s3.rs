@@ -25,7 +25,7 @@ s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=sys.argv[4],
                   config=Config(signature_version="s3v4", s3={"addressing_style": "path"}))
 try:
     s3.create_bucket(Bucket=bucket)
-except s3.exceptions.BucketAlreadyOwnedByYou:
+except (s3.exceptions.BucketAlreadyOwnedByYou, s3.exceptions.BucketAlreadyExists):
     pass
 urls = {}
 for pair in sys.argv[6:]:
@@ -107,8 +107,9 @@ fn get(url: &str) -> (u16, String) {
     let (host, path) = rest.split_at(rest.find('/').unwrap());
     let mut s = std::net::TcpStream::connect(host).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nRange: bytes=0-15\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let out = String::from_utf8_lossy(&raw).into_owned();
     let status = out.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
     (status, out)
 }
@@ -119,8 +120,8 @@ fn the_s3_server_enforces_presigned_signatures_and_expiry() {
     let t = tmpdir();
     let f = t.path().join("obj");
     std::fs::write(&f, pattern(61, 4096)).unwrap();
-    let good = s3.presign("b", 600, &[(Some(&f), "obj")])["obj"].clone();
-    let short = s3.presign("b", 1, &[(None, "obj")])["obj"].clone();
+    let good = s3.presign("objs", 600, &[(Some(&f), "obj")])["obj"].clone();
+    let short = s3.presign("objs", 1, &[(None, "obj")])["obj"].clone();
     assert_eq!(get(&good).0, 206, "a valid presigned URL is served");
     let sig = good.rfind("X-Amz-Signature=").unwrap() + "X-Amz-Signature=".len();
     let mut forged = good.clone();
@@ -129,7 +130,7 @@ fn the_s3_server_enforces_presigned_signatures_and_expiry() {
     let (status, body) = get(&forged);
     assert_eq!(status, 403, "a forged signature is refused: {body}");
     assert!(body.contains("SignatureDoesNotMatch"), "{body}");
-    let other_key = good.replacen("/b/obj?", "/b/other?", 1);
+    let other_key = good.replacen("/objs/obj?", "/objs/other?", 1);
     assert_eq!(get(&other_key).0, 403, "a URL is signed for its own object");
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let (status, body) = get(&short);
@@ -137,10 +138,11 @@ fn the_s3_server_enforces_presigned_signatures_and_expiry() {
     assert!(body.contains("expired"), "{body}");
 }
 
-fn layer_args(urls: &HashMap<String, String>, top: &str) -> Vec<String> {
+/// `--layer-url NAME=URL` for every one of `names` but `top`, then `top`'s URL.
+fn layer_args(urls: &HashMap<String, String>, names: &[&str], top: &str) -> Vec<String> {
     let mut a = vec!["--cache-size".to_string(), "0".to_string()];
     for (k, u) in urls {
-        if k != top {
+        if *k != top && names.contains(&k.as_str()) {
             a.extend(["--layer-url".to_string(), format!("{k}={u}")]);
         }
     }
@@ -164,9 +166,10 @@ fn a_vmdk_chain_and_an_xva_mount_from_presigned_urls() {
         files.iter().zip(&names).map(|(f, n)| (Some(f.as_path()), n.as_str())).collect();
     up.push((Some(xva.as_path()), "exports/vm.xva"));
     let urls = s3.presign("vms", 600, &up);
-    for (img, top) in [(vmdk_top, "vm-000002.vmdk"), (xva, "exports/vm.xva")] {
+    let vmdk_names: Vec<&str> = names.iter().map(String::as_str).collect();
+    for (img, top, chain) in [(vmdk_top, "vm-000002.vmdk", vmdk_names), (xva, "exports/vm.xva", vec![])] {
         let local = mount(&[img.as_os_str()]);
-        let args = layer_args(&urls, top);
+        let args = layer_args(&urls, &chain, top);
         let argv: Vec<&std::ffi::OsStr> = args.iter().map(os).collect();
         let remote = mount(&argv);
         let mut disks: Vec<String> = std::fs::read_dir(&local.dir)
@@ -179,11 +182,12 @@ fn a_vmdk_chain_and_an_xva_mount_from_presigned_urls() {
             assert_same(&format!("{top}: {d} from presigned URLs"), &std::fs::read(remote.file(d)).unwrap(), &want);
         }
     }
-    // Without the other files' URLs: one line that says which --layer-url is missing.
+    // Without the other files' URLs: one line that says which --layer-url is missing (a usage
+    // error: exit status 2).
     let top = &urls["vm-000002.vmdk"];
     let o = vdiskfs(["info", "--cache-size", "0", top]);
     let e = stderr(&o);
-    assert_eq!((o.status.code(), e.lines().count()), (Some(1), 1), "{e}");
+    assert_eq!((o.status.code(), e.lines().count()), (Some(2), 1), "{e}");
     assert!(e.contains("--layer-url vm-000002-sesparse.vmdk=URL") && !e.contains("X-Amz-Signature"), "{e}");
 }
 
@@ -192,7 +196,7 @@ fn an_expired_presigned_url_says_it_expired() {
     let s3 = S3::start();
     let t = tmpdir();
     let (top, _) = hypervisor_chains(t.path()).remove(1);
-    let urls = s3.presign("xs", 1, &[(Some(&top), "top.vhd")]);
+    let urls = s3.presign("xen-sr", 1, &[(Some(&top), "top.vhd")]);
     std::thread::sleep(std::time::Duration::from_millis(2100));
     let url = &urls["top.vhd"];
     let o = vdiskfs(["info", "--cache-size", "0", url]);
