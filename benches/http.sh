@@ -108,11 +108,11 @@ tc -n $CLI qdisc add dev vdh1 root tbf rate "$RATE" burst 64kb latency 100ms
 sleep 1
 
 URL="https://$SADDR:$PORT/base.vhd"
-rtt=$("${IN_CLI[@]}" python3 -c "
-import socket,time
-s=socket.create_connection(('$SADDR',$PORT))
-t=time.time(); s.send(b'x'*8); s.recv(100); print('%.1f'%((time.time()-t)*1000))" 2>/dev/null || echo '?')
-echo "link: $RATE, round trip through the proxy ${rtt} ms; image $(numfmt --to=iec "$BYTES") ($BYTES bytes)"
+# The TLS handshake as curl times it (the proxy adds 2 x DELAY_MS to each round trip).
+rtt=$("${IN_CLI[@]}" curl -sS --cacert "$W/ca.pem" -o /dev/null -r 0-0 \
+  -w '%{time_connect} %{time_appconnect}' "https://$SADDR:$PORT/base.vhd" |
+  python3 -c "import sys; c, a = map(float, sys.stdin.read().split()); print('%.1f' % ((a - c) * 1000))" || echo '?')
+echo "link: $RATE, $((2 * DELAY_MS)) ms added per round trip; TLS handshake ${rtt} ms; image $(numfmt --to=iec "$BYTES") ($BYTES bytes)"
 
 secs() { python3 -c "import time; print(time.time())"; }
 declare -A T
