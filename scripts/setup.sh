@@ -53,12 +53,14 @@ apt-get update -q
 # remote tests start their own sshd on 127.0.0.1 (the system's own sshd service is not used);
 # gdisk and parted read composed disks' partition tables; debootstrap builds the guests of the
 # manual boot scripts; ansible runs mount-helpers/ansible in its test; systemd provides
-# systemd-analyze, which verifies the vdiskfs@.service unit.
+# systemd-analyze, which verifies the vdiskfs@.service unit. nginx and openssl: the HTTP tests
+# start their own nginx on 127.0.0.1 with a certificate made at test time (not the system
+# service); curl is the HTTP benchmark's yardstick.
 apt-get install -y -q --no-install-recommends \
   fuse3 kpartx fdisk e2fsprogs util-linux mount xz-utils gzip zstd xxhash tar \
   libvhdi-utils libvmdk-utils qemu-utils xva-img python3-pip \
   fio bc openssh-server openssh-client openssh-sftp-server gdisk parted debootstrap \
-  ansible systemd
+  ansible systemd nginx openssl curl iproute2
 
 # guestfish (libguestfs, a TCG appliance) for the overlay tests. Its qemu-system must match
 # qemu-utils: take it from backports when qemu-utils came from there. grub-pc-bin (GRUB's BIOS
@@ -74,8 +76,9 @@ else
 fi
 
 # dissect.hypervisor: a third independent reader for SESparse and COWD. Pinned: the tests
-# assert the defects of these versions.
-pip_pkgs=(dissect.hypervisor==3.21 dissect.cstruct==4.7 dissect.util==3.24)
+# assert the defects of these versions. boto3: the standard S3 client, which the S3 tests upload
+# and presign with.
+pip_pkgs=(dissect.hypervisor==3.21 dissect.cstruct==4.7 dissect.util==3.24 boto3==1.43.11)
 # The interpreter itself, not a version-manager shim: a shim's post-install hook (pyenv rehash)
 # can fail on a lock some other process left behind and fail the install with it.
 py=$(python3 -c 'import sys; print(sys.executable)')
@@ -93,6 +96,14 @@ then
 else
   "$py" -m pip install -q "${pip_pkgs[@]}" 2>/dev/null ||
     "$py" -m pip install -q --break-system-packages "${pip_pkgs[@]}"
+fi
+
+# The S3 tests: s3s-fs, an S3 server that checks SigV4 signatures and presigned-URL expiry (moto
+# does not). It builds from crates.io (minutes); an installed one is kept.
+if ! command -v s3s-fs >/dev/null; then
+  target=$(mktemp -d)
+  cargo install -q --locked s3s-fs@0.14.1 --features binary --root /usr/local --target-dir "$target"
+  rm -rf "$target"
 fi
 
 echo "setup: done"

@@ -1,6 +1,7 @@
 //! The command line: clap types, validated into config types with no clap in them.
 
 mod compose;
+mod http;
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,7 @@ use vdiskfs::source::remote::{self, RemoteOptions};
 use vdiskfs::{Error, Result};
 
 pub use compose::ComposeArgs;
+pub use http::HttpArgs;
 
 const ABOUT: &str = "Mount VHD, VHDX, VMDK and XVA snapshot chains as flat raw image files.";
 const LONG_ABOUT: &str = "\
@@ -36,6 +38,8 @@ Examples:
   vdiskfs export --overlay fix.ovl child.vhd /dev/vg/vm-disk   chain + overlay onto the target
   vdiskfs mount --daemon ssh://root@esx/vmfs/volumes/ds1/vm/vm-000002.vmdk /mnt/v
                                               a chain where it lives, read over ssh as needed
+  vdiskfs info --http-user root --pin-sha256 AB:CD:… 'https://esx/folder/vm/vm-000002.vmdk?dcPath=ha-datacenter&dsName=ds1'
+                                              over HTTPS from ESXi (password in VDISKFS_HTTP_PASSWORD)
   vdiskfs mount --compose mbr --bootable 1 --part-type 2=swap raw:/dev/vg/root raw:/dev/vg/swap /mnt/v
                                               one partitioned disk, /mnt/v/disk.raw, from two volumes
   vdiskfs sync --exclude-top vm-000002.vmdk vm.raw    only what changed since vm.raw was written";
@@ -146,7 +150,7 @@ impl Command {
 pub struct OpenArgs {
     /// Also look for parents (by file name) in DIR; repeatable. Parents found through relative
     /// locators must lie in the image's own directory or one of these. DIR may be
-    /// ssh://[user@]host[:port]/dir for an image on that host.
+    /// ssh://[user@]host[:port]/dir or an http(s):// directory URL for an image on that host.
     #[arg(long = "parent-dir", value_name = "DIR")]
     pub parent_dirs: Vec<PathBuf>,
     /// Follow absolute and out-of-tree parent paths stored in images. Off by default: a crafted
@@ -187,6 +191,8 @@ pub struct OpenArgs {
     #[arg(long)]
     pub allow_devices: bool,
     #[command(flatten)]
+    pub http: HttpArgs,
+    #[command(flatten)]
     pub compose: ComposeArgs,
     /// Treat the chain as if IMAGE (its top) were absent: the disk is IMAGE's parent chain. For
     /// the running VM's active image, which the hypervisor is still writing (ESXi keeps its
@@ -200,8 +206,8 @@ impl OpenArgs {
         let mut parent_dirs = Vec::new();
         for d in &self.parent_dirs {
             if let Some(url) = remote_url(d) {
-                parent_dirs
-                    .push(Location::parse_ssh(url).map_err(|e| Error::usage(format!("--parent-dir {url}: {e}")))?);
+                let dir = Location::parse_url(url).expect("a URL");
+                parent_dirs.push(dir.map_err(|e| Error::usage(format!("--parent-dir {}: {e}", shown_url(url))))?);
                 continue;
             }
             if !d.is_dir() {
@@ -230,6 +236,7 @@ impl OpenArgs {
             cache_dir: (self.cache_size > 0).then(|| cache_dir.clone()),
             cache_bytes: self.cache_size,
             connections: self.ssh_connections,
+            http: self.http.options()?,
             ..RemoteOptions::default()
         };
         Ok(OpenOptions {
@@ -244,9 +251,17 @@ impl OpenArgs {
     }
 }
 
-/// The text of an `ssh://` argument, if it is one.
+/// The text of an `ssh://`, `http://` or `https://` argument, if it is one.
 fn remote_url(p: &Path) -> Option<&str> {
-    p.to_str().filter(|s| s.starts_with("ssh://"))
+    p.to_str().filter(|s| Location::parse_url(s).is_some())
+}
+
+/// A URL argument as errors show it: without a presigned URL's signature.
+fn shown_url(url: &str) -> String {
+    match Location::parse_url(url) {
+        Some(Ok(l)) => l.to_string(),
+        _ => url.split('?').next().unwrap_or(url).to_string(),
+    }
 }
 
 /// `8G`, `512M`, `100000` (bytes): a size with an optional binary suffix.
@@ -274,10 +289,11 @@ pub fn absolute(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).map_err(|e| Error::io(p.display().to_string(), e))
 }
 
-/// A location on the command line: a local path, or `ssh://[user@]host[:port]/path`.
+/// A location on the command line: a local path, `ssh://[user@]host[:port]/path`, or an
+/// `http(s)://` URL.
 pub fn location(p: &Path) -> Result<Location> {
     match remote_url(p) {
-        Some(url) => Location::parse_ssh(url).map_err(|e| Error::from(e).in_file(url)),
+        Some(url) => Location::parse_url(url).expect("a URL").map_err(|e| Error::from(e).in_file(shown_url(url))),
         None => absolute(p).map(Location::local),
     }
 }

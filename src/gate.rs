@@ -25,6 +25,13 @@
 //! image's directory or a remote `--parent-dir` (each also resolved by the host), or is a
 //! `/dev/dm-N` node where block devices are allowed; the file type comes from the host's `stat`
 //! before anything is opened.
+//!
+//! Names on a web server (`http(s)://`) resolve against the naming URL's directory on the same
+//! server, its query string kept (ESXi's `?dcPath=…&dsName=…`), under the same lexical
+//! confinement; absolute names are never followed there (a hypervisor's local path means
+//! nothing on its web server), only their file names are looked for. A server has no symlinks
+//! to check and serves only files. Presigned URLs are signed per object, so a file the user
+//! names with `--layer-url NAME=URL` is opened at that URL instead: the user chose it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -91,11 +98,18 @@ pub enum GateError {
         "is a symbolic link to {target}, outside the image's directory and every --parent-dir: refused to follow it (--trust-locators allows it)"
     )]
     SymlinkEscapes { target: String },
+    #[error(
+        "a presigned URL is signed for one object, so the chain's other files need their own: give --layer-url {name}=URL"
+    )]
+    NeedsLayerUrl { name: String },
 }
 
 impl ErrorKind for GateError {
     fn kind(&self) -> Kind {
-        Kind::Denied
+        match self {
+            GateError::SymlinkEscapes { .. } => Kind::Denied,
+            GateError::NeedsLayerUrl { .. } => Kind::Usage,
+        }
     }
 }
 
@@ -142,6 +156,7 @@ impl Gate {
                 let gate = Gate { devices: self.devices || src.stat().kind == RemoteKind::BlockDevice, ..self.clone() };
                 Ok((gate, src))
             }
+            Location::Http(u) => Ok((self.clone(), self.remotes(loc)?.open_http(u)?)),
         }
     }
 
@@ -168,6 +183,7 @@ impl Gate {
                         Location::Ssh(_) if !path.starts_with('/') => base_dir.join(&format!("/{path}")),
                         Location::Ssh(_) => base_dir.join(&path),
                         Location::Local(_) => path.starts_with('/').then(|| Location::local(&path)),
+                        Location::Http(_) => None,
                     };
                     if let Some(l) = abs {
                         push(l, FoundBy::Locator(h.kind.clone()), &mut out);
@@ -223,6 +239,21 @@ impl Gate {
                 Ok(Some(Arc::new(LocalSource::open(p, self.accept())?)))
             }
             Location::Ssh(p) => self.open_remote(p, base_dir),
+            Location::Http(u) => {
+                let r = self.remotes(&c.loc)?;
+                let u = match r.layer_url(&u.file_name()) {
+                    Some(named) => named,
+                    None if u.is_presigned() => {
+                        return Err(Error::from(GateError::NeedsLayerUrl { name: u.file_name() }).in_file(&c.loc));
+                    }
+                    None => u,
+                };
+                match r.open_http(u) {
+                    Ok(src) => Ok(Some(src)),
+                    Err(e) if e.kind() == Kind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
         }
     }
 

@@ -1,9 +1,11 @@
-//! Where a source lives: a local path, or a path on an ssh host. Relative names written inside
-//! images (parents, extents) resolve against a [`Location`] lexically, so a relative path on a
-//! remote host becomes another location on that host.
+//! Where a source lives: a local path, a path on an ssh host, or an `http(s)://` URL. Relative
+//! names written inside images (parents, extents) resolve against a [`Location`] lexically, so
+//! a relative path on a remote host becomes another location on that host.
 
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
+
+use super::http_url::HttpUrl;
 
 /// Where a source lives.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -12,6 +14,9 @@ pub enum Location {
     Local(PathBuf),
     /// A file or block device on an ssh host (`ssh://[user@]host[:port]/abs/path`).
     Ssh(SshPath),
+    /// A file on a web server (`https://host/path?query`): ESXi's datastore browser, a presigned
+    /// object-store URL, a mirror.
+    Http(HttpUrl),
 }
 
 /// An absolute path on an ssh host. The path is kept as the host spells it: `/vmfs/volumes/…`,
@@ -63,6 +68,12 @@ pub enum UrlError {
     Climbs,
     #[error("bad %-escape in the URL")]
     BadEscape,
+    #[error("not an http:// or https:// URL")]
+    NotHttp,
+    #[error(
+        "credentials do not belong in the URL: give --http-user USER, with the password in VDISKFS_HTTP_PASSWORD or ~/.netrc"
+    )]
+    CredentialsInUrl,
 }
 
 impl crate::error::ErrorKind for UrlError {
@@ -112,19 +123,45 @@ impl Location {
         Ok(Location::Ssh(SshPath { host: SshHost { user, host, port }, path }))
     }
 
+    /// Parses `http[s]://host[:port]/path[?query]`.
+    pub fn parse_http(url: &str) -> Result<Location, UrlError> {
+        HttpUrl::parse(url).map(Location::Http)
+    }
+
+    /// Parses any URL vdiskfs reads from (`ssh://`, `http://`, `https://`); `None` when `s` is
+    /// not one (a local path).
+    pub fn parse_url(s: &str) -> Option<Result<Location, UrlError>> {
+        let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+        if lower.starts_with("ssh://") {
+            Some(Location::parse_ssh(s))
+        } else if lower.starts_with("http://") || lower.starts_with("https://") {
+            Some(Location::parse_http(s))
+        } else {
+            None
+        }
+    }
+
     /// The local path, if this is a local location.
     pub fn as_path(&self) -> Option<&Path> {
         match self {
             Location::Local(p) => Some(p),
-            Location::Ssh(_) => None,
+            _ => None,
         }
     }
 
-    /// The remote path, if this is a remote location.
+    /// The remote path, if this is a location on an ssh host.
     pub fn as_ssh(&self) -> Option<&SshPath> {
         match self {
             Location::Ssh(s) => Some(s),
-            Location::Local(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The URL, if this is a location on a web server.
+    pub fn as_http(&self) -> Option<&HttpUrl> {
+        match self {
+            Location::Http(u) => Some(u),
+            _ => None,
         }
     }
 
@@ -141,6 +178,7 @@ impl Location {
                 let dir = if cut <= root { s.path[..root.max(1)].to_string() } else { s.path[..cut].to_string() };
                 Location::Ssh(SshPath { host: s.host.clone(), path: dir })
             }
+            Location::Http(u) => Location::Http(u.dir()),
         }
     }
 
@@ -149,6 +187,7 @@ impl Location {
         match self {
             Location::Local(p) => p.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
             Location::Ssh(s) => s.path.rsplit('/').next().unwrap_or_default().to_string(),
+            Location::Http(u) => u.file_name(),
         }
     }
 
@@ -162,6 +201,7 @@ impl Location {
                 let path = normalize_remote(&joined)?;
                 Some(Location::Ssh(SshPath { host: s.host.clone(), path }))
             }
+            Location::Http(u) => u.join(rel).map(Location::Http),
         }
     }
 
@@ -183,6 +223,7 @@ impl Location {
                         _ => false,
                     }
             }
+            (Location::Http(p), Location::Http(r)) => p.is_within(r),
             _ => false,
         }
     }
@@ -191,7 +232,7 @@ impl Location {
     pub fn exists(&self) -> bool {
         match self {
             Location::Local(p) => p.exists(),
-            Location::Ssh(_) => false,
+            Location::Ssh(_) | Location::Http(_) => false,
         }
     }
 }
@@ -201,6 +242,7 @@ impl fmt::Display for Location {
         match self {
             Location::Local(p) => write!(f, "{}", p.display()),
             Location::Ssh(s) => write!(f, "ssh://{}{}", s.host, s.path),
+            Location::Http(u) => write!(f, "{u}"),
         }
     }
 }

@@ -1,12 +1,13 @@
 //! Sources: positional, thread-safe reads of one file.
 //!
 //! A [`Source`] is what a format reads from: a local file or block device, or a file on an ssh
-//! host ([`remote`]; an HTTP range reader later). It has no seek cursor (every read names its offset), it is never mmap'd
+//! host or a web server ([`remote`]). It has no seek cursor (every read names its offset), it is never mmap'd
 //! (a file truncated underneath would SIGBUS the whole mount), and it is always opened read-only.
 //! [`Location`] names a source in a way that lets a format resolve *relative* names (a parent, an
 //! extent) against it, so that a relative path on a remote host becomes another URL on that host.
 
 pub mod faulty;
+mod http_url;
 mod local;
 mod location;
 mod mem;
@@ -15,6 +16,7 @@ pub mod remote;
 use std::fmt;
 use std::io;
 
+pub use http_url::{HttpOrigin, HttpUrl};
 pub use local::{FileTypes, LocalSource};
 pub use location::{Location, SshHost, SshPath, UrlError, normalize, normalize_remote};
 pub use mem::MemSource;

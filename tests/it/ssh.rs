@@ -19,7 +19,7 @@ use crate::common::*;
 const MIB: u64 = 1 << 20;
 
 /// The chains a hypervisor leaves behind, written into `dir`: (top image, what it is).
-fn hypervisor_chains(dir: &Path) -> Vec<(PathBuf, &'static str)> {
+pub fn hypervisor_chains(dir: &Path) -> Vec<(PathBuf, &'static str)> {
     let mut out = Vec::new();
     // ESXi: a flat base (vm.vmdk + vm-flat.vmdk) and two SESparse snapshots.
     let esx = dir.join("vmfs/volumes/ds1/vm");

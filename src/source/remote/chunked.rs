@@ -126,12 +126,15 @@ impl RemoteSource {
     ) -> RemoteSource {
         let chunk = opts.chunk.max(4096) as u64;
         let disk = cache.map(|c| {
-            let key = EntryKey::new(&loc.to_string(), stat.size, stat.mtime, chunk);
-            (c, key)
+            // A version tag (an HTTP ETag) joins the name, so a new version is a new entry.
+            let version = transport.version();
+            let name = if version.is_empty() { loc.to_string() } else { format!("{loc}\nversion {version}") };
+            (c, EntryKey::new(&name, stat.size, stat.mtime, chunk))
         });
-        let (host, path) = match loc.as_ssh() {
-            Some(s) => (hash(&s.host), hash(&s.path)),
-            None => (0, hash(loc.to_string())),
+        let (host, path) = match (&loc, loc.as_ssh()) {
+            (_, Some(s)) => (hash(&s.host), hash(&s.path)),
+            (Location::Http(u), _) => (hash(&u.origin), hash(u.to_string())),
+            _ => (0, hash(loc.to_string())),
         };
         let id = FileId { dev: host, ino: path, size: stat.size, mtime_ns: stat.mtime as i128 * 1_000_000_000 };
         let sh = Shared {
@@ -272,6 +275,23 @@ impl RemoteSource {
 
     fn fail(&self, e: RemoteError) -> Error {
         Error::from(e).in_file(&self.sh.loc)
+    }
+}
+
+impl Drop for RemoteSource {
+    /// Fetches already on the network (readahead, mostly) are waited for briefly, so that what
+    /// was paid for lands in the persistent cache instead of being lost when a command ends.
+    fn drop(&mut self) {
+        if self.sh.disk.is_none() {
+            return;
+        }
+        let deadline = Instant::now() + self.timeout.min(Duration::from_secs(2));
+        let slots: Vec<Arc<Slot>> = self.sh.inflight.lock().values().cloned().collect();
+        for s in slots {
+            if s.wait(deadline).is_none() {
+                break;
+            }
+        }
     }
 }
 

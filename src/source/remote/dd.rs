@@ -5,13 +5,12 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use super::ssh::{Conn, SshConns, collect_stderr, command};
-use super::{Done, Fetched, Refusal, RemoteError, RemoteKind, RemoteStat, Transport};
+use super::ssh::{SshConns, collect_stderr, command};
+use super::{Fetched, Refusal, RemoteError, RemoteKind, RemoteStat};
 
 /// A master connection that `dd` and `stat` run through.
 pub struct DdConn {
@@ -202,41 +201,6 @@ impl DdConn {
         }
         out.truncate(len);
         Ok(out)
-    }
-}
-
-/// A remote file read with `dd` on the host.
-#[derive(Debug)]
-pub struct DdFile {
-    conns: Arc<SshConns>,
-    path: Arc<str>,
-    expect: RemoteStat,
-}
-
-impl DdFile {
-    pub fn new(conns: Arc<SshConns>, path: String, expect: RemoteStat) -> DdFile {
-        DdFile { conns, path: path.into(), expect }
-    }
-}
-
-impl Transport for DdFile {
-    fn name(&self) -> &'static str {
-        "dd (the host has no SFTP subsystem)"
-    }
-
-    fn fetch(&self, offset: u64, len: usize, done: Done) {
-        let (conns, path, expect) = (self.conns.clone(), self.path.clone(), self.expect);
-        self.conns.spawn(async move {
-            let r = conns
-                .call(|c| async move {
-                    match &*c {
-                        Conn::Dd(d) => d.read(&path, offset, len, expect).await,
-                        Conn::Sftp(s) => s.read(&path, offset, len, expect).await,
-                    }
-                })
-                .await;
-            done(r)
-        });
     }
 }
 

@@ -4,9 +4,11 @@
 //!  RemoteSource   Source: aligned chunks, one in-flight fetch per chunk shared by every waiter,
 //!    │            readahead for sequential readers, a deadline on every read, the chunk caches
 //!  ChunkCache     persistent, bounded, LRU, keyed by host, path, size, mtime (+ layer identity)
-//!  Transport      fetch(offset, len) → bytes, checked against the size and mtime seen at open
-//!    │            (sftp.rs: SFTP over `ssh -s host sftp`; dd.rs: `dd` on the host)
-//!  SshHost        connections to one host: ssh processes, reconnect with backoff, fail fast
+//!  Transport      fetch(offset, len) → bytes, checked against the version seen at open
+//!    │            (sftp.rs: SFTP over `ssh -s host sftp`; dd.rs: `dd` on the host;
+//!    │             http/: `GET` with `Range` on a web server)
+//!  SshConns       connections to one ssh host: ssh processes, reconnect with backoff, fail fast
+//!  HttpHost       connections to one web server: keep-alive workers, retries, fail fast
 //! ```
 //!
 //! The formats never see any of this: a [`RemoteSource`] is a [`crate::source::Source`]. No
@@ -16,6 +18,7 @@
 mod cache;
 mod chunked;
 mod dd;
+pub mod http;
 mod sftp;
 mod ssh;
 
@@ -32,7 +35,7 @@ pub use chunked::RemoteSource;
 pub use ssh::split_command;
 
 use super::location::{SshHost, SshPath};
-use super::{FileTypes, Location, SourceError};
+use super::{FileTypes, HttpOrigin, HttpUrl, Location, SourceError};
 use crate::error::{Error, ErrorKind, Kind, Result};
 
 /// How remote files are reached and cached.
@@ -54,6 +57,8 @@ pub struct RemoteOptions {
     pub readahead: usize,
     /// In-memory chunk cache of each remote file.
     pub memory_bytes: usize,
+    /// How web servers are reached (TLS, credentials, presigned layer URLs).
+    pub http: http::HttpOptions,
 }
 
 /// The default `--cache-size`.
@@ -72,6 +77,7 @@ impl Default for RemoteOptions {
             chunk: 256 << 10,
             readahead: 8 << 20,
             memory_bytes: 32 << 20,
+            http: http::HttpOptions::default(),
         }
     }
 }
@@ -109,6 +115,16 @@ pub enum RemoteError {
     CachedOtherVersion { cached: String, now: String },
     #[error("{0}")]
     Local(String),
+    #[error("{detail}")]
+    Http { detail: String, kind: Refusal },
+    #[error("the presigned URL expired {when}{said}: presign it again")]
+    Expired { when: String, said: String },
+    #[error("TLS with {host}: {detail}")]
+    Tls { host: String, detail: String },
+    #[error("{detail}")]
+    Protocol { detail: String },
+    #[error("{0}")]
+    Setup(String),
 }
 
 /// Why the host refused a request.
@@ -126,10 +142,16 @@ impl ErrorKind for RemoteError {
             | RemoteError::HostDown { .. }
             | RemoteError::Timeout { .. }
             | RemoteError::Lost { .. } => Kind::Transient,
-            RemoteError::NoSftp { .. } => Kind::Unsupported,
-            RemoteError::Refused { kind: Refusal::NotFound, .. } => Kind::NotFound,
-            RemoteError::Refused { kind: Refusal::Denied, .. } => Kind::Denied,
+            RemoteError::NoSftp { .. } | RemoteError::Protocol { .. } => Kind::Unsupported,
+            RemoteError::Refused { kind: Refusal::NotFound, .. }
+            | RemoteError::Http { kind: Refusal::NotFound, .. } => Kind::NotFound,
+            RemoteError::Refused { kind: Refusal::Denied, .. }
+            | RemoteError::Http { kind: Refusal::Denied, .. }
+            | RemoteError::Expired { .. }
+            | RemoteError::Tls { .. } => Kind::Denied,
+            RemoteError::Setup(_) => Kind::Usage,
             RemoteError::Refused { .. }
+            | RemoteError::Http { .. }
             | RemoteError::InUse { .. }
             | RemoteError::MaybeInUse { .. }
             | RemoteError::Local(_) => Kind::Io,
@@ -175,14 +197,19 @@ pub type Fetched = std::result::Result<Vec<u8>, RemoteError>;
 /// Called once with a fetch's answer, on a transport thread.
 pub type Done = Box<dyn FnOnce(Fetched) + Send>;
 
-/// Byte ranges of one remote file. Issue 13's HTTP range reader is a second implementation.
+/// Byte ranges of one remote file: over SFTP, `dd` on an ssh host, or HTTP range requests.
 pub trait Transport: Send + Sync + fmt::Debug {
-    /// How it reads (`sftp`, `dd`), for `info`.
+    /// How it reads (`sftp`, `dd`, `https`), for `info`.
     fn name(&self) -> &'static str;
     /// Starts reading `len` bytes at `offset` (fewer only at the end of the file), checking
     /// that the file still has the size and mtime it had at open; calls `done` exactly once.
     /// Never blocks on the network.
     fn fetch(&self, offset: u64, len: usize, done: Done);
+    /// What names this version of the file beyond its size and mtime (an HTTP `ETag`), for the
+    /// chunk cache's key; empty when nothing does.
+    fn version(&self) -> String {
+        String::new()
+    }
 }
 
 /// What a remote source did, for `info`.
@@ -202,6 +229,7 @@ pub struct RemoteStats {
 pub struct Remotes {
     opts: Arc<RemoteOptions>,
     hosts: Mutex<HashMap<SshHost, Arc<ssh::SshConns>>>,
+    web: Mutex<HashMap<HttpOrigin, Arc<http::HttpHost>>>,
     cache: Mutex<Option<Option<Arc<ChunkCache>>>>,
 }
 
@@ -213,7 +241,12 @@ impl fmt::Debug for Remotes {
 
 impl Remotes {
     pub fn new(opts: RemoteOptions) -> Arc<Remotes> {
-        Arc::new(Remotes { opts: Arc::new(opts), hosts: Mutex::new(HashMap::new()), cache: Mutex::new(None) })
+        Arc::new(Remotes {
+            opts: Arc::new(opts),
+            hosts: Mutex::new(HashMap::new()),
+            web: Mutex::new(HashMap::new()),
+            cache: Mutex::new(None),
+        })
     }
 
     pub fn options(&self) -> &RemoteOptions {
@@ -222,6 +255,10 @@ impl Remotes {
 
     fn host(&self, h: &SshHost) -> Arc<ssh::SshConns> {
         self.hosts.lock().entry(h.clone()).or_insert_with(|| ssh::SshConns::new(h.clone(), self.opts.clone())).clone()
+    }
+
+    fn web(&self, o: &HttpOrigin) -> Arc<http::HttpHost> {
+        self.web.lock().entry(o.clone()).or_insert_with(|| http::HttpHost::new(o.clone(), &self.opts)).clone()
     }
 
     fn cache(&self) -> Option<Arc<ChunkCache>> {
@@ -268,6 +305,18 @@ impl Remotes {
         let st = RemoteStat { size, ..st };
         let src = RemoteSource::new(Location::Ssh(p.clone()), transport, st, &self.opts, self.cache());
         Ok(Arc::new(src))
+    }
+
+    /// Opens the file at `u` on a web server (only regular files are served there).
+    pub fn open_http(&self, u: &HttpUrl) -> Result<Arc<RemoteSource>> {
+        let loc = Location::Http(u.clone());
+        let (transport, st) = self.web(&u.origin).open(u).map_err(|e| Error::from(e).in_file(&loc))?;
+        Ok(Arc::new(RemoteSource::new(loc, transport, st, &self.opts, self.cache())))
+    }
+
+    /// The URL `--layer-url` gives the file named `name`, if any.
+    pub fn layer_url(&self, name: &str) -> Option<&HttpUrl> {
+        self.opts.http.layer_urls.iter().find(|(n, _)| n == name).map(|(_, u)| u)
     }
 }
 

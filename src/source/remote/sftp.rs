@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use bytes::BytesMut;
@@ -17,8 +16,8 @@ use openssh_sftp_client::{Error as SftpError, Sftp, SftpOptions};
 use parking_lot::Mutex;
 use tokio::io::AsyncSeek;
 
-use super::ssh::{Conn, SshConns, collect_stderr};
-use super::{Done, Fetched, Refusal, RemoteError, RemoteKind, RemoteStat, Transport};
+use super::ssh::{SshConns, collect_stderr};
+use super::{Fetched, Refusal, RemoteError, RemoteKind, RemoteStat};
 
 /// One SFTP session.
 pub struct SftpConn {
@@ -229,45 +228,4 @@ async fn read_piece(mut f: File, off: u64, n: u32) -> Result<(Vec<u8>, usize), S
         first.get_or_insert(out.len());
     }
     Ok((out, first.unwrap_or(0)))
-}
-
-/// A remote file read over SFTP.
-#[derive(Debug)]
-pub struct SftpFile {
-    conns: Arc<SshConns>,
-    path: Arc<str>,
-    expect: RemoteStat,
-}
-
-impl SftpFile {
-    pub fn new(conns: Arc<SshConns>, path: String, expect: RemoteStat) -> SftpFile {
-        SftpFile { conns, path: path.into(), expect }
-    }
-}
-
-impl std::fmt::Debug for SshConns {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "SshConns({})", self.host)
-    }
-}
-
-impl Transport for SftpFile {
-    fn name(&self) -> &'static str {
-        "sftp"
-    }
-
-    fn fetch(&self, offset: u64, len: usize, done: Done) {
-        let (conns, path, expect) = (self.conns.clone(), self.path.clone(), self.expect);
-        self.conns.spawn(async move {
-            let r = conns
-                .call(|c| async move {
-                    match &*c {
-                        Conn::Sftp(s) => s.read(&path, offset, len, expect).await,
-                        Conn::Dd(d) => d.read(&path, offset, len, expect).await,
-                    }
-                })
-                .await;
-            done(r)
-        });
-    }
 }

@@ -20,7 +20,7 @@ use tokio::runtime::Runtime;
 
 use super::dd::DdConn;
 use super::sftp::SftpConn;
-use super::{RemoteError, RemoteOptions, RemoteStat, Transport};
+use super::{Done, Fetched, RemoteError, RemoteOptions, RemoteStat, Transport};
 use crate::source::location::SshHost;
 
 /// One connection, by the way the host is read.
@@ -51,6 +51,13 @@ impl Conn {
         match self {
             Conn::Sftp(c) => c.realpath(path).await,
             Conn::Dd(c) => c.realpath(path).await,
+        }
+    }
+    /// `len` bytes at `off`, then a check that the file is still the version `expect` saw.
+    pub async fn read(&self, path: &str, off: u64, len: usize, expect: RemoteStat) -> Fetched {
+        match self {
+            Conn::Sftp(c) => c.read(path, off, len, expect).await,
+            Conn::Dd(c) => c.read(path, off, len, expect).await,
         }
     }
 }
@@ -153,12 +160,9 @@ impl SshConns {
                 }
             })
         })?;
-        let t: Arc<dyn Transport> = if self.dd_only.load(Ordering::Relaxed) {
-            Arc::new(super::dd::DdFile::new(self.clone(), path.to_string(), st))
-        } else {
-            Arc::new(super::sftp::SftpFile::new(self.clone(), path.to_string(), st))
-        };
-        Ok((t, size))
+        let dd = self.dd_only.load(Ordering::Relaxed);
+        let t = SshFile { conns: self.clone(), path: path.into(), expect: st, dd };
+        Ok((Arc::new(t), size))
     }
 
     /// Runs one request on a connection, within the deadline. A broken connection is dropped
@@ -303,6 +307,36 @@ impl SshConns {
     /// `ssh` with [`SshConns::argv`] and `extra`.
     pub fn command(&self, extra: &[&str]) -> tokio::process::Command {
         command(&self.argv(), extra)
+    }
+}
+
+impl std::fmt::Debug for SshConns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SshConns({})", self.host)
+    }
+}
+
+/// A file on an ssh host, read over whichever connection the host gives: SFTP, or `dd` on a
+/// host without an SFTP subsystem.
+#[derive(Debug)]
+pub struct SshFile {
+    conns: Arc<SshConns>,
+    path: Arc<str>,
+    expect: RemoteStat,
+    dd: bool,
+}
+
+impl Transport for SshFile {
+    fn name(&self) -> &'static str {
+        if self.dd { "dd (the host has no SFTP subsystem)" } else { "sftp" }
+    }
+
+    fn fetch(&self, offset: u64, len: usize, done: Done) {
+        let (conns, path, expect) = (self.conns.clone(), self.path.clone(), self.expect);
+        self.conns.spawn(async move {
+            let r = conns.call(|c| async move { c.read(&path, offset, len, expect).await }).await;
+            done(r)
+        });
     }
 }
 

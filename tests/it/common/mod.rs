@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod faulty;
+pub mod nginx;
 pub mod sshd;
 
 pub use testkit::pattern;
@@ -76,6 +78,15 @@ where
     Command::new(bin()).args(args).output().expect("run vdiskfs")
 }
 
+/// Runs `vdiskfs ARGS` with `env` added to its environment.
+pub fn vdiskfs_env<I, S>(args: I, env: &[(&str, &str)]) -> Output
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(bin()).args(args).envs(env.iter().copied()).output().expect("run vdiskfs")
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -141,6 +152,11 @@ pub fn mount(args: &[&OsStr]) -> Mount {
 }
 
 pub fn try_mount(args: &[&OsStr]) -> Result<Mount, String> {
+    try_mount_env(args, &[])
+}
+
+/// [`try_mount`] with `env` added to vdiskfs's environment.
+pub fn try_mount_env(args: &[&OsStr], env: &[(&str, &str)]) -> Result<Mount, String> {
     let tmp = tmpdir();
     let dir = tmp.path().join("mnt");
     std::fs::create_dir(&dir).expect("mkdir");
@@ -152,6 +168,7 @@ pub fn try_mount(args: &[&OsStr]) -> Result<Mount, String> {
         .arg(&log)
         .args(args)
         .arg(&dir)
+        .envs(env.iter().copied())
         .output()
         .expect("run vdiskfs mount");
     if !o.status.success() {
