@@ -7,6 +7,7 @@ mod cli;
 mod compose;
 mod compose_write;
 mod corpus;
+mod fuzz_corpus;
 mod layering;
 mod overlay;
 mod robust;

@@ -200,7 +200,7 @@ impl<'a> ExtentFiles<'a> {
     }
 
     /// What the bytes of extent `id`, in `src`, are.
-    fn data(&self, id: u32, line: &ExtentLine, src: Arc<dyn Source>) -> Result<ExtentData> {
+    pub fn data(&self, id: u32, line: &ExtentLine, src: Arc<dyn Source>) -> Result<ExtentData> {
         let sparse = |map, header| Ok(ExtentData::Sparse(Box::new(SparseExtent { map, header })));
         match line.kind {
             ExtentType::Zero => Ok(ExtentData::Zero),
