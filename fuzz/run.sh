@@ -3,6 +3,8 @@
 # input size limit that fits its structure, keeping what they find in corpus/<target>/.
 # Usage: fuzz/run.sh [TARGET...]   (all targets without arguments; RUNS=N to change the count,
 # SECONDS_EACH=N to stop each target after N seconds whatever its count)
+# Each run's libFuzzer output goes to logs/<target>.log, and one line per run (UTC date, target,
+# executions, exec/s, new units, exit status) to logs/summary.tsv, for the README's table.
 set -euo pipefail
 cd "$(dirname "$0")"
 declare -A MAX_LEN=(
@@ -17,6 +19,13 @@ mkdir -p logs
 for t in "${targets[@]}"; do
     [ -n "${MAX_LEN[$t]:-}" ] || { echo "unknown target $t" >&2; exit 2; }
     echo "== $t"
+    log="logs/$t.log"
+    start=0; [ -f "$log" ] && start=$(wc -l < "$log")
+    status=0
     nice -n 19 cargo fuzz run -s none "$t" -- -max_len="${MAX_LEN[$t]}" -runs="${RUNS:-10000000}" \
-        -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 -max_total_time="${SECONDS_EACH:-0}" 2>&1 | tee -a "logs/$t.log" | grep -E '^(#[0-9]+ +DONE|Done|stat::|==|.*panicked)' || true
+        -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 -max_total_time="${SECONDS_EACH:-0}" \
+        >> "$log" 2>&1 || status=$?
+    stat() { tail -n +"$((start + 1))" "$log" | sed -n "s/^stat::$1: *//p" | tail -1; }
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t" "$(stat number_of_executed_units)" \
+        "$(stat average_exec_per_sec)" "$(stat new_units_added)" "$status" | tee -a logs/summary.tsv
 done

@@ -131,6 +131,8 @@ pub enum Error {
     SeSparseZeroField,
     #[error("SESparse grain directory holds {entries} entries but {sectors} sectors need {needed}")]
     SeSparseDirectoryShort { entries: u64, sectors: u64, needed: u64 },
+    #[error("SESparse const header {field} of {sectors} sectors is past any file")]
+    SeSparseFieldTooLarge { field: &'static str, sectors: u64 },
     #[error("SESparse volatile header at {at:#x}, past the end of the file ({file_len:#x})")]
     VolatileHeaderPastEnd { at: u64, file_len: u64 },
     #[error(
@@ -243,6 +245,7 @@ impl ErrorKind for Error {
             | CowdDirectoryInHeader(_)
             | SeSparseZeroField
             | SeSparseDirectoryShort { .. }
+            | SeSparseFieldTooLarge { .. }
             | VolatileHeaderPastEnd { .. }
             | DirectoryPastEnd { .. }
             | BadDirectoryEntry { .. }

@@ -22,6 +22,8 @@ use super::hosted::check_grain;
 pub const CONST_MAGIC: u64 = 0xcafe_babe;
 pub const VOLATILE_MAGIC: u64 = 0xcafe_cafe;
 pub const VERSION: u64 = 0x0000_0002_0000_0001;
+/// Largest sector offset or size whose byte value fits in a u64.
+const MAX_SECTORS: u64 = u64::MAX / 512;
 
 /// The constant header. Offsets and sizes are in sectors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,11 +81,32 @@ impl ConstHeader {
         if h.capacity == 0 || h.gd_offset == 0 || h.gt_offset == 0 || h.grains_offset == 0 {
             return Err(Error::SeSparseZeroField);
         }
+        h.check_sector_fields()?;
         let needed = h.capacity.div_ceil(h.grain * h.entries_per_table());
         if h.gd_size * 512 / 8 < needed {
             return Err(Error::SeSparseDirectoryShort { entries: h.gd_entries(), sectors: h.capacity, needed });
         }
         Ok(h)
+    }
+
+    /// Offsets and sizes are turned into bytes (× 512) wherever they are used: one that cannot
+    /// be is past any file, and refused here instead of overflowing there.
+    fn check_sector_fields(&self) -> Result<(), Error> {
+        let fields = [
+            ("volatile header offset", self.volatile_offset),
+            ("journal offset", self.journal_offset),
+            ("journal size", self.journal_size),
+            ("grain directory offset", self.gd_offset),
+            ("grain directory size", self.gd_size),
+            ("grain table offset", self.gt_offset),
+            ("grain table size", self.gt_size),
+            ("grains offset", self.grains_offset),
+            ("grains size", self.grains_size),
+        ];
+        match fields.into_iter().find(|&(_, v)| v > MAX_SECTORS) {
+            Some((field, sectors)) => Err(Error::SeSparseFieldTooLarge { field, sectors }),
+            None => Ok(()),
+        }
     }
 
     pub fn entries_per_table(&self) -> u64 {
@@ -200,6 +223,22 @@ mod tests {
         let mut b = esxi_header();
         b[300] = 1;
         assert!(ConstHeader::parse(&b).unwrap_err().to_string().contains("padding"));
+    }
+
+    /// Found by the `vmdk_sesparse` fuzz target: a grain directory size of 2^58 sectors or more
+    /// overflowed `gd_size * 512` (a panic with overflow checks, a wrong size without).
+    #[test]
+    fn sector_fields_too_large_for_bytes_are_refused() {
+        for field in [10, 14, 15, 16, 17, 18, 19, 24, 25] {
+            let mut b = esxi_header();
+            b[field * 8..field * 8 + 8].copy_from_slice(&(1u64 << 58).to_le_bytes());
+            let e = ConstHeader::parse(&b).unwrap_err().to_string();
+            assert!(e.contains("past any file") && e.contains("288230376151711744"), "word {field}: {e}");
+        }
+        let mut b = esxi_header();
+        b[17 * 8..17 * 8 + 8].copy_from_slice(&(u64::MAX / 512).to_le_bytes());
+        // The largest size that still fits in bytes is taken.
+        assert_eq!(ConstHeader::parse(&b).unwrap().gd_entries(), u64::MAX / 512 * 64);
     }
 
     #[test]
