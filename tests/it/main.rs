@@ -8,6 +8,7 @@ mod compose;
 mod compose_write;
 mod corpus;
 mod faults;
+mod fuzz_corpus;
 mod gate;
 mod http;
 mod layering;

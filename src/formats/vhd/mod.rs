@@ -19,8 +19,8 @@
 //! VHD ([`Error::Poisoned`]), and blktap 0.1 files (little-endian bitmaps, refused by blktap
 //! itself: [`Error::Blktap01`]).
 
-mod footer;
-mod header;
+pub mod footer;
+pub mod header;
 
 use std::sync::Arc;
 

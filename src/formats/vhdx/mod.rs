@@ -29,12 +29,12 @@
 //! whose newest sequence holds an entry with a bad checksum, a log saying the file was truncated,
 //! a dirty log over 64 MiB; a differencing disk without a valid `parent_linkage`.
 
-mod bat;
+pub mod bat;
 mod error;
-mod header;
-mod log_entries;
-mod metadata;
-mod replayed;
+pub mod header;
+pub mod log_entries;
+pub mod metadata;
+pub mod replayed;
 
 use std::sync::Arc;
 

@@ -214,7 +214,7 @@ impl<'a> ExtentFiles<'a> {
     /// What the bytes of extent `id`, in `src`, are. `elsewhere` says how the file was found
     /// when it was not where the line names it: a sparse header's capacity must then equal the
     /// line's, the one fact that can tie an extent to its descriptor.
-    fn data(
+    pub fn data(
         &self,
         id: u32,
         line: &ExtentLine,

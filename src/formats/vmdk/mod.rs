@@ -35,16 +35,16 @@
 //! directories, NotFound for a missing extent, Unsupported for a valid feature vdiskfs does not
 //! read, and Corrupt for the rest.
 
-mod compressed_grains;
-mod cowd;
-mod descriptor;
+pub mod compressed_grains;
+pub mod cowd;
+pub mod descriptor;
 mod error;
-mod extent;
-mod grains;
-mod hosted;
+pub mod extent;
+pub mod grains;
+pub mod hosted;
 mod info;
 mod link;
-mod sesparse;
+pub mod sesparse;
 
 use std::sync::Arc;
 

@@ -85,6 +85,7 @@ impl ConstHeader {
         let regions = [
             ("capacity", h.capacity, 0),
             ("volatile header", h.volatile_offset, 1),
+            ("journal", h.journal_offset, h.journal_size),
             ("grain directory", h.gd_offset, h.gd_size),
             ("grain tables", h.gt_offset, h.gt_size),
             ("grains", h.grains_offset, h.grains_size),
@@ -215,6 +216,18 @@ mod tests {
         let mut b = esxi_header();
         b[300] = 1;
         assert!(ConstHeader::parse(&b).unwrap_err().to_string().contains("padding"));
+    }
+
+    /// Found by the `vmdk_sesparse` fuzz target: a grain directory size of 2^58 sectors or more
+    /// overflowed `gd_size * 512` (a panic with overflow checks, a wrong size without).
+    #[test]
+    fn sector_fields_too_large_for_bytes_are_refused() {
+        for field in [10, 14, 15, 16, 17, 18, 19, 24, 25] {
+            let mut b = esxi_header();
+            b[field * 8..field * 8 + 8].copy_from_slice(&(1u64 << 58).to_le_bytes());
+            let e = ConstHeader::parse(&b).unwrap_err().to_string();
+            assert!(e.contains("beyond any file"), "word {field}: {e}");
+        }
     }
 
     #[test]

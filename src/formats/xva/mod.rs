@@ -36,12 +36,12 @@
 pub mod chunks;
 pub mod compressed;
 pub mod disk;
-mod gzip;
+pub mod gzip;
 pub mod index;
 pub mod ovaxml;
 pub mod restart;
 pub mod tar;
-mod zstd;
+pub mod zstd;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
