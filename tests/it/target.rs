@@ -85,15 +85,18 @@ fn export_refuses_a_block_device_source_under_another_name() {
     need("losetup");
     let t = tmpdir();
     let base = t.path().join("base.vhd");
-    VhdBuilder::dynamic(4 * MIB).dialect(Dialect::Xen).write(0, &pattern(3, MIB as usize)).build(&base).unwrap();
+    // 1 MiB of disk in 2 MiB blocks: the child's device is larger than the disk, so only the
+    // source check can refuse it (a smaller device would be refused as too small).
+    VhdBuilder::dynamic(MIB).dialect(Dialect::Xen).write(0, &pattern(3, (MIB / 2) as usize)).build(&base).unwrap();
     let child = t.path().join("child.vhd");
     let mut c = VhdBuilder::differencing(&base).unwrap().dialect(Dialect::Xen);
-    c.write(2 * MIB, &pattern(4, 4096));
+    c.write(3 * MIB / 4, &pattern(4, 4096));
     c.build(&child).unwrap();
     let lo = attach_rw(&child);
     // The device's own top names its parent by file name; it lives in the files' directory.
     let top = Path::new(&lo.0);
     let node = Node::same_as(&lo.0, &t.path().join("child-node"));
+    assert!(std::fs::metadata(&child).unwrap().len() > MIB, "the device must be large enough");
     let args = [os("--parent-dir"), t.path().as_os_str()];
     let before = std::fs::read(&child).unwrap();
     let mut a: Vec<&std::ffi::OsStr> = vec![os("export"), os("--quiet")];
@@ -110,8 +113,8 @@ fn export_refuses_a_block_device_source_under_another_name() {
     a.push(os(&lo2.0));
     let o = vdiskfs(&a);
     assert!(o.status.success(), "{}", stderr(&o));
-    let mut model = vec![0u8; (4 * MIB) as usize];
-    model[..MIB as usize].copy_from_slice(&pattern(3, MIB as usize));
-    model[(2 * MIB) as usize..(2 * MIB) as usize + 4096].copy_from_slice(&pattern(4, 4096));
+    let mut model = vec![0u8; MIB as usize];
+    model[..(MIB / 2) as usize].copy_from_slice(&pattern(3, (MIB / 2) as usize));
+    model[(3 * MIB / 4) as usize..(3 * MIB / 4) as usize + 4096].copy_from_slice(&pattern(4, 4096));
     assert_same("export of the device chain", &std::fs::read(&lo2.0).unwrap()[..model.len()], &model);
 }
