@@ -444,6 +444,35 @@ mod tests {
     }
 
     #[test]
+    fn a_fetch_on_the_network_at_drop_still_lands_in_the_persistent_cache() {
+        let t = tempfile::tempdir().unwrap();
+        let cache = Arc::new(ChunkCache::open(t.path(), 1 << 20).unwrap());
+        let fake = Arc::new(Fake { data: vec![7u8; 8192], ..Default::default() });
+        fake.hold.store(true, Ordering::SeqCst);
+        let stat = RemoteStat { size: 8192, mtime: 1, kind: RemoteKind::Regular };
+        let opts =
+            RemoteOptions { chunk: 4096, readahead: 0, timeout: Duration::from_millis(500), ..Default::default() };
+        let open = |f: Arc<Fake>| RemoteSource::new(Location::local("/f"), f, stat, &opts, Some(cache.clone()));
+        let s = open(fake.clone());
+        assert!(s.read_at(&mut [0u8; 8], 0).is_err(), "no answer within the timeout");
+        // The answer lands while the source is being dropped (a command ending).
+        let f = fake.clone();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            for (o, l, done) in f.held.lock().drain(..) {
+                done(Ok(vec![7u8; l.min(8192 - o as usize)]));
+            }
+        });
+        drop(s);
+        // The next command, right after: without the wait at drop it would fetch again.
+        let again = Arc::new(Fake { data: vec![7u8; 8192], ..Default::default() });
+        let mut b = [0u8; 8];
+        open(again.clone()).read_at(&mut b, 0).unwrap();
+        assert_eq!((b, again.fetches.load(Ordering::SeqCst)), ([7u8; 8], 0), "served from the cache");
+        late.join().unwrap();
+    }
+
+    #[test]
     fn a_changed_file_fails_every_later_read() {
         #[derive(Debug)]
         struct Changing;
