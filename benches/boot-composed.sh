@@ -31,7 +31,7 @@ if [ ! -f root.img ]; then
   rm -rf rootfs; mkdir rootfs
   debootstrap --variant=minbase \
     --include=linux-image-amd64,grub-pc,initramfs-tools,systemd-sysv,udev,kmod,e2fsprogs \
-    bookworm rootfs http://deb.debian.org/debian >/dev/null
+    bookworm rootfs "$("$root/scripts/debian-mirror.sh" bookworm)" >/dev/null
   echo guest > rootfs/etc/hostname
   echo 'root:vdiskfs' | chroot rootfs chpasswd
   root_uuid=$(cat /proc/sys/kernel/random/uuid)

@@ -27,19 +27,9 @@ add_backports() {
   if grep -Eq "^[^#]*${release}-backports" <<<"$all"; then
     return 0
   fi
-  local uri=""
-  # deb822 (.sources): the URIs line of the stanza whose Suites has the release itself.
-  uri=$(awk -v r="$release" '
-      /^URIs:/ { u = $2 }
-      /^Suites:/ { for (i = 2; i <= NF; i++) if ($i == r) found = u }
-      /^$/ { u = "" }
-      END { print found }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-  if [ -z "$uri" ]; then
-    # One-line format: deb [opts] URI release component...
-    uri=$(awk -v r="$release" '$1 == "deb" && !u { for (i = 2; i < NF; i++) if ($(i+1) == r && $i !~ /^\[/) u = $i } END { print u }' <<<"$all")
-  fi
-  if [ -z "$uri" ]; then
-    echo "setup: no Debian source for $release found; skipping backports" >&2
+  local uri
+  if ! uri=$("$(dirname "$0")/debian-mirror.sh" "$release"); then
+    echo "setup: skipping backports" >&2
     return 0
   fi
   echo "deb $uri ${release}-backports main" > /etc/apt/sources.list.d/vdiskfs-backports.list

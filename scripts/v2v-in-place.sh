@@ -15,7 +15,7 @@ if [ ! -f guest.raw ]; then
   echo "== debootstrap a minimal Debian guest"
   rm -rf rootfs; mkdir rootfs
   debootstrap --variant=minbase --include=linux-image-amd64,grub-pc,initramfs-tools,systemd-sysv,udev,kmod \
-    bookworm rootfs http://deb.debian.org/debian >/dev/null
+    bookworm rootfs "$("$root/scripts/debian-mirror.sh" bookworm)" >/dev/null
   echo "guest" > rootfs/etc/hostname
   printf '/dev/xvda1 / ext4 defaults 0 1\n' > rootfs/etc/fstab   # as under Xen
   truncate -s 2G guest.raw
