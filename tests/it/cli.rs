@@ -237,8 +237,9 @@ fn loop_helper_attaches_partitions_and_detaches_cleanly() {
     }
     assert_eq!(run("list"), out);
     run("detach");
+    // By backing file, not device name: tests run in parallel, and another test may take a
+    // freed /dev/loopN at once.
     let attached = sh("losetup -a");
-    for (_, d) in &devs {
-        assert!(!attached.contains(&format!("{d}:")), "{d} still attached: {attached}");
-    }
+    let ours = format!("({})", m.file("disk.raw").display());
+    assert!(!attached.contains(&ours), "a device is still attached to {ours}: {attached}");
 }
