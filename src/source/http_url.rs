@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-use super::location::UrlError;
+use super::location::{UrlError, host_port};
 
 /// Where to connect: scheme, host and port.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,22 +68,7 @@ impl HttpUrl {
         if auth.contains('@') {
             return Err(UrlError::CredentialsInUrl);
         }
-        let (host, port) = if let Some(h) = auth.strip_prefix('[') {
-            let (h, after) = h.split_once(']').ok_or(UrlError::NoHost)?;
-            (h.to_string(), after.strip_prefix(':'))
-        } else {
-            match auth.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (auth.to_string(), None),
-            }
-        };
-        if host.is_empty() {
-            return Err(UrlError::NoHost);
-        }
-        let port = match port.filter(|p| !p.is_empty()) {
-            Some(p) => Some(p.parse::<u16>().map_err(|_| UrlError::BadPort(p.into()))?),
-            None => None,
-        };
+        let (host, port) = host_port(auth)?;
         let (path, query) = match tail.split_once('?') {
             Some((p, q)) => (p, Some(q.to_string())),
             None => (tail, None),

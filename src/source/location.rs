@@ -99,22 +99,7 @@ impl Location {
             Some((u, h)) => (Some(unescape(u)?), h),
             None => (None, auth),
         };
-        let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
-            let (h, after) = h.split_once(']').ok_or(UrlError::NoHost)?;
-            (h.to_string(), after.strip_prefix(':'))
-        } else {
-            match hostport.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (hostport.to_string(), None),
-            }
-        };
-        if host.is_empty() {
-            return Err(UrlError::NoHost);
-        }
-        let port = match port.filter(|p| !p.is_empty()) {
-            Some(p) => Some(p.parse::<u16>().map_err(|_| UrlError::BadPort(p.into()))?),
-            None => None,
-        };
+        let (host, port) = host_port(hostport)?;
         let path = unescape(path)?;
         if !path.starts_with('/') {
             return Err(UrlError::NotAbsolute);
@@ -248,6 +233,27 @@ impl fmt::Display for Location {
 }
 
 /// `%XX` escapes decoded.
+/// Splits a URL's `host[:port]` (`[v6addr]` brackets a numeric IPv6 host; an empty port is none).
+pub(super) fn host_port(hostport: &str) -> Result<(String, Option<u16>), UrlError> {
+    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+        let (h, after) = h.split_once(']').ok_or(UrlError::NoHost)?;
+        (h.to_string(), after.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (hostport.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(UrlError::NoHost);
+    }
+    let port = match port.filter(|p| !p.is_empty()) {
+        Some(p) => Some(p.parse::<u16>().map_err(|_| UrlError::BadPort(p.into()))?),
+        None => None,
+    };
+    Ok((host, port))
+}
+
 fn unescape(s: &str) -> Result<String, UrlError> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
