@@ -323,3 +323,31 @@ impl Remotes {
 fn in_file(e: RemoteError, p: &SshPath) -> Error {
     Error::from(e).in_file(Location::Ssh(p.clone()))
 }
+
+/// A host's (or server's) health: after a failure it is not tried again until its backoff
+/// (1 s, doubling to 30 s) has passed, so the readers behind a dead host fail at once.
+pub(super) struct Health {
+    pub dead_until: Option<std::time::Instant>,
+    backoff: std::time::Duration,
+}
+
+const FIRST_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Default for Health {
+    fn default() -> Self {
+        Health { dead_until: None, backoff: FIRST_BACKOFF }
+    }
+}
+
+impl Health {
+    pub fn dead(&mut self) {
+        self.dead_until = Some(std::time::Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    pub fn alive(&mut self) {
+        self.dead_until = None;
+        self.backoff = FIRST_BACKOFF;
+    }
+}

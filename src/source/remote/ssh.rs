@@ -12,7 +12,7 @@ use std::future::Future;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use tokio::io::AsyncBufReadExt;
@@ -20,7 +20,7 @@ use tokio::runtime::Runtime;
 
 use super::dd::DdConn;
 use super::sftp::SftpConn;
-use super::{Done, Fetched, RemoteError, RemoteOptions, RemoteStat, Transport};
+use super::{Done, Fetched, Health, RemoteError, RemoteOptions, RemoteStat, Transport};
 use crate::source::location::SshHost;
 
 /// One connection, by the way the host is read.
@@ -66,14 +66,6 @@ impl Conn {
 #[derive(Default)]
 struct Cell(tokio::sync::OnceCell<Result<Arc<Conn>, RemoteError>>, std::sync::atomic::AtomicBool);
 
-struct Health {
-    dead_until: Option<Instant>,
-    backoff: Duration,
-}
-
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
 /// Every connection to one host.
 pub struct SshConns {
     pub host: SshHost,
@@ -110,7 +102,7 @@ impl SshConns {
             rt: Some(rt),
             cells: (0..n).map(|_| Mutex::new(Arc::new(Cell::default()))).collect(),
             next: AtomicUsize::new(0),
-            health: Mutex::new(Health { dead_until: None, backoff: FIRST_BACKOFF }),
+            health: Mutex::new(Health::default()),
             dd_only: Default::default(),
         })
     }
@@ -275,15 +267,11 @@ impl SshConns {
     }
 
     fn dead(&self) {
-        let mut h = self.health.lock();
-        h.dead_until = Some(Instant::now() + h.backoff);
-        h.backoff = (h.backoff * 2).min(MAX_BACKOFF);
+        self.health.lock().dead();
     }
 
     fn alive(&self) {
-        let mut h = self.health.lock();
-        h.dead_until = None;
-        h.backoff = FIRST_BACKOFF;
+        self.health.lock().alive();
     }
 
     /// `ssh` and its options for this host: never prompts, notices a dead peer.

@@ -27,7 +27,7 @@ use parking_lot::{Condvar, Mutex};
 pub use auth::{PASSWORD_ENV, Secret};
 pub use tls::{Fingerprint, parse_fingerprint};
 
-use super::{Done, RemoteError, RemoteKind, RemoteOptions, RemoteStat, Transport};
+use super::{Done, Health, RemoteError, RemoteKind, RemoteOptions, RemoteStat, Transport};
 use crate::source::{HttpOrigin, HttpUrl};
 use wire::Version;
 
@@ -75,14 +75,6 @@ impl Failure {
         Failure { err, transient: false }
     }
 }
-
-struct Health {
-    dead_until: Option<Instant>,
-    backoff: Duration,
-}
-
-const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// What requests to one server share: the agent (its keep-alive connections), credentials,
 /// cookies, the server's health.
@@ -252,7 +244,7 @@ impl Client {
             auth,
             cookies: auth::Cookies::default(),
             timeout: opts.timeout,
-            health: Mutex::new(Health { dead_until: None, backoff: FIRST_BACKOFF }),
+            health: Mutex::new(Health::default()),
         })
     }
 
@@ -427,15 +419,11 @@ impl Client {
     }
 
     fn dead(&self) {
-        let mut h = self.health.lock();
-        h.dead_until = Some(Instant::now() + h.backoff);
-        h.backoff = (h.backoff * 2).min(MAX_BACKOFF);
+        self.health.lock().dead();
     }
 
     fn alive(&self) {
-        let mut h = self.health.lock();
-        h.dead_until = None;
-        h.backoff = FIRST_BACKOFF;
+        self.health.lock().alive();
     }
 }
 
