@@ -221,8 +221,11 @@ fn seal_log(log: &mut [u8]) {
         if len == 0 || !len.is_multiple_of(4096) || len > n {
             continue;
         }
-        let ring: Vec<u8> = (0..len).map(|i| log[(at + i) % n]).collect();
-        let c = checksum(&ring, 4);
+        let c = if at + len <= n {
+            checksum(&log[at..at + len], 4)
+        } else {
+            checksum(&[&log[at..], &log[..at + len - n]].concat(), 4)
+        };
         log[at + 4..at + 8].copy_from_slice(&c.to_le_bytes());
     }
 }

@@ -13,6 +13,11 @@ use vdiskfs::source::{Location, MemSource, Source};
 
 use super::{DIR, MAX_EXTENTS, PIECE, READ_BUDGET, decode_sparse, exercise_layer, gate};
 
+/// Bytes of an extent mapped at its start and again at its end. A run over a hole asks the
+/// directory table by table, so mapping a whole extent whose header claims terabytes cost
+/// milliseconds per input (vmdk_cowd ran at 537 inputs/s); the two ends hold the first tables
+/// and the highest grain numbers.
+const EXTENT_WINDOW: u64 = 8 << 20;
 /// Grain tables are read whole at open up to this total, as the layer does.
 const VALIDATE_AT_OPEN_BYTES: u64 = 16 << 20;
 
@@ -108,20 +113,24 @@ fn extent(data: Vec<u8>, sectors: u64, kind: ExtentType, name: &str) {
     }
     let inflated = buffer_cache(4 << 20);
     let mut buf = vec![0u8; PIECE as usize];
-    let (mut pos, mut budget) = (0u64, READ_BUDGET);
-    for _ in 0..MAX_EXTENTS {
-        if pos >= len || budget == 0 {
-            break;
+    let mut budget = READ_BUDGET;
+    // The first and the last [`EXTENT_WINDOW`] bytes (all of a small extent), as runs.
+    let tail = if len <= 2 * EXTENT_WINDOW { 0 } else { len - EXTENT_WINDOW };
+    let windows = if tail == 0 { vec![(0, len)] } else { vec![(0, EXTENT_WINDOW), (tail, len)] };
+    let mut runs = 0;
+    for (mut pos, end) in windows {
+        while pos < end && runs < MAX_EXTENTS && budget > 0 {
+            let Ok((grain, n)) = map.run(pos, end - pos) else { break };
+            assert!(n > 0 && n <= end - pos, "a run of {n} bytes at {pos:#x} of [{pos:#x}, {end:#x})");
+            let k = n.min(PIECE).min(budget) as usize;
+            match grain {
+                Grain::Data(at) => drop(map.src.read_exact_at(&mut buf[..k], at)),
+                Grain::Compressed(_) => drop(read_compressed(map, 0, &inflated, pos, &mut buf[..k])),
+                Grain::Unallocated | Grain::Zero => {}
+            }
+            budget -= k as u64;
+            pos += n;
+            runs += 1;
         }
-        let Ok((grain, n)) = map.run(pos, len - pos) else { break };
-        assert!(n > 0 && n <= len - pos, "a run of {n} bytes at {pos:#x} of a {len}-byte extent");
-        let k = n.min(PIECE).min(budget) as usize;
-        match grain {
-            Grain::Data(at) => drop(map.src.read_exact_at(&mut buf[..k], at)),
-            Grain::Compressed(_) => drop(read_compressed(map, 0, &inflated, pos, &mut buf[..k])),
-            Grain::Unallocated | Grain::Zero => {}
-        }
-        budget -= k as u64;
-        pos += n;
     }
 }
