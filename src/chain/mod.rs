@@ -401,7 +401,7 @@ mod tests {
         fn map(&self, offset: u64, max_len: u64) -> Result<Span> {
             let len = (512 - offset % 512).min(max_len);
             // The data runs' file offsets are shifted, so that merging them would be wrong.
-            Ok(if (offset / 512) % 2 == 0 { Span::data(len, 0, offset + 7) } else { Span::zero(len) })
+            Ok(if (offset / 512).is_multiple_of(2) { Span::data(len, 0, offset + 7) } else { Span::zero(len) })
         }
         fn read(&self, _: usize, at: u64, buf: &mut [u8]) -> Result<()> {
             for (i, b) in buf.iter_mut().enumerate() {
@@ -423,7 +423,7 @@ mod tests {
     #[test]
     fn reads_anywhere_in_blocks_of_thousands_of_extents_match_the_model() {
         let chain = Chain::from_layers(vec![Arc::new(Striped(Location::local("/striped")))], 1 << 20);
-        let model = |at: u64| if (at / 512) % 2 == 0 { striped_byte(at + 7) } else { 0 };
+        let model = |at: u64| if (at / 512).is_multiple_of(2) { striped_byte(at + 7) } else { 0 };
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = |n: u64| {
             seed ^= seed << 13;
