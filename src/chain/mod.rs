@@ -311,6 +311,24 @@ mod tests {
     use crate::layer::{Identity, LayerInfo, ParentRef, Span};
     use crate::source::{Location, Source};
 
+    /// The parts of [`Layer`] these tests never ask for.
+    macro_rules! unused_layer_parts {
+        () => {
+            fn sources(&self) -> Vec<Arc<dyn Source>> {
+                Vec::new()
+            }
+            fn parent(&self) -> Option<&ParentRef> {
+                None
+            }
+            fn identity(&self) -> Vec<Identity> {
+                Vec::new()
+            }
+            fn describe(&self) -> Result<LayerInfo> {
+                Err(Error::internal("not needed"))
+            }
+        };
+    }
+
     /// A layer of fixed spans; `None` fails every `map` (a layer that must not be asked).
     #[derive(Debug)]
     struct Spans {
@@ -321,9 +339,6 @@ mod tests {
     impl Layer for Spans {
         fn location(&self) -> &Location {
             &self.loc
-        }
-        fn sources(&self) -> Vec<Arc<dyn Source>> {
-            Vec::new()
         }
         fn virtual_size(&self) -> u64 {
             4096
@@ -342,15 +357,7 @@ mod tests {
         fn read(&self, _: usize, _: u64, _: &mut [u8]) -> Result<()> {
             Ok(())
         }
-        fn parent(&self) -> Option<&ParentRef> {
-            None
-        }
-        fn identity(&self) -> Vec<Identity> {
-            Vec::new()
-        }
-        fn describe(&self) -> Result<LayerInfo> {
-            Err(Error::internal("not needed"))
-        }
+        unused_layer_parts!();
     }
 
     #[test]
@@ -392,9 +399,6 @@ mod tests {
         fn location(&self) -> &Location {
             &self.0
         }
-        fn sources(&self) -> Vec<Arc<dyn Source>> {
-            Vec::new()
-        }
         fn virtual_size(&self) -> u64 {
             STRIPED_SIZE
         }
@@ -409,15 +413,7 @@ mod tests {
             }
             Ok(())
         }
-        fn parent(&self) -> Option<&ParentRef> {
-            None
-        }
-        fn identity(&self) -> Vec<Identity> {
-            Vec::new()
-        }
-        fn describe(&self) -> Result<LayerInfo> {
-            Err(Error::internal("not needed"))
-        }
+        unused_layer_parts!();
     }
 
     #[test]
