@@ -265,8 +265,9 @@ fn replay_log(
     if n > log_entries::MAX_LOG as u64 {
         return Err(Error::LogTooLarge { len: n }.into());
     }
-    if off + n > len {
-        return Err(Error::LogPastEnd { offset: off, end: off + n, len }.into());
+    let end = off.saturating_add(n);
+    if end > len {
+        return Err(Error::LogPastEnd { offset: off, end, len }.into());
     }
     let bytes = src.read_vec(off, n as usize)?;
     let (writes, new_len, summary) =
@@ -512,5 +513,33 @@ impl Layer for VhdxLayer {
             allocated_bytes: st.allocated() * self.geo.block_size,
             details,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::MemSource;
+
+    /// Found by the vhdx_header fuzz target: `log_offset + log_length` overflowed (a panic with
+    /// overflow checks; in release it wrapped to 0, passed the check and failed later as a read
+    /// error that named no structure).
+    #[test]
+    fn a_log_offset_near_the_top_of_u64_is_past_the_end() {
+        let len = 8 << 20;
+        let src: Arc<dyn Source> = Arc::new(MemSource::new("/fuzz.vhdx", vec![0; len as usize]));
+        let h = VhdxHeader {
+            sequence: 1,
+            file_write_guid: [1; 16],
+            data_write_guid: [2; 16],
+            log_guid: [3; 16],
+            log_version: 0,
+            version: 1,
+            log_length: 1 << 20,
+            log_offset: u64::MAX & !((1 << 20) - 1),
+        };
+        let err = replay_log(&src, &h, len).err().expect("refused").to_string();
+        let want = Error::LogPastEnd { offset: h.log_offset, end: u64::MAX, len }.to_string();
+        assert!(err.contains(&want), "{err}");
     }
 }
