@@ -103,10 +103,10 @@ pub fn exercise_layer(layer: Arc<dyn Layer>) {
 }
 
 /// What `info`, `map` and a reader do with a chain: describe it, resolve the extents of its
-/// first and last [`WALK_WINDOW`] bytes (all of a small disk; the last through the same iterator `map`, `export` and
-/// SEEK_DATA use), read the first and last bytes of each (bounded, see [`MAX_EXTENTS`] and
-/// [`READ_BUDGET`]), seek data and holes there. Errors are fine; a span the chain cannot use is
-/// its own error, not ours.
+/// first and last [`WALK_WINDOW`] bytes (all of a small disk; the last through the iterator
+/// `map`, `export` and SEEK_DATA use), read the first and last bytes of each (bounded, see
+/// [`MAX_EXTENTS`] and [`READ_BUDGET`]), seek data and holes there. Errors are fine; a span the
+/// chain cannot use is its own error, not ours.
 pub fn exercise_chain(chain: &Chain) {
     let _ = chain.describe();
     let _ = chain.identity_text();
