@@ -54,8 +54,9 @@ impl Disk {
     }
 
     /// Attaches the overlay file at `path` (created if missing; refused if it is one of the
-    /// disk's sources or was made for another chain). `cluster` sizes a new overlay (0: the
-    /// default); `writable` false merges it read-only.
+    /// disk's sources or was made for another chain). `cluster` sizes a new overlay (a power
+    /// of two, 512 B to 16 MiB; the CLI's default is [`crate::overlay::DEFAULT_CLUSTER`]);
+    /// `writable` false merges it read-only.
     pub fn attach_overlay(self, path: &Path, cluster: u64, writable: bool) -> Result<Self> {
         if let Ok(a) = std::fs::canonicalize(path)
             && self.source_paths().iter().any(|s| std::fs::canonicalize(s).is_ok_and(|b| b == a))
@@ -66,10 +67,11 @@ impl Disk {
         Ok(self.with_overlay(ov))
     }
 
-    /// Every local file this disk reads: every source of every layer (VMDK extents too), and
-    /// the overlay. None of them may ever be written by an export.
+    /// Every local file this disk reads: every source of every layer (VMDK extents too), the
+    /// top left out by `--exclude-top` (it is still opened, and it is the running VM's disk),
+    /// and the overlay. None of them may ever be written by an export or a sync.
     pub fn source_paths(&self) -> Vec<PathBuf> {
-        let layers = self.chain.layers().iter().flat_map(|l| l.sources());
+        let layers = self.chain.layers().iter().chain(self.chain.excluded_top()).flat_map(|l| l.sources());
         let files = layers.filter_map(|s| s.location().as_path().map(Path::to_path_buf));
         files.chain(self.overlay.iter().map(|o| o.path().to_path_buf())).collect()
     }

@@ -32,6 +32,7 @@ pub mod export;
 pub mod formats;
 pub mod fs;
 pub mod gate;
+pub mod holders;
 pub mod layer;
 pub mod open;
 pub mod overlay;

@@ -128,10 +128,18 @@ pub fn spawn_signal_thread(set: libc::sigset_t, mountpoint: PathBuf) -> Result<(
                 log::info!("signal {sig}: unmounting {}", mountpoint.display());
                 match unmount_soon(&mountpoint) {
                     Ok(()) => return,
-                    Err(e) => log::error!(
-                        "cannot unmount {} on signal {sig}: {e}; still serving (detach the loop device or stop the process using the disk, then signal again)",
-                        mountpoint.display()
-                    ),
+                    Err(e) => {
+                        let held = vdiskfs::holders::holders_under(&mountpoint);
+                        let by = if held.is_empty() {
+                            "a loop device or a process using the disk".to_string()
+                        } else {
+                            held.join("; ")
+                        };
+                        log::error!(
+                            "cannot unmount {} on signal {sig}: {e}; held by {by}; still serving (detach the loop device or stop the process, then signal again)",
+                            mountpoint.display()
+                        )
+                    }
                 }
             }
         })

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use super::ExportError;
 use crate::error::{Error, Result};
+use crate::holders::loop_devices;
+use crate::source::Pinned;
 
 /// Whether a missing target may be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,14 +39,7 @@ fn err(target: &Path, e: ExportError) -> Error {
 /// Loop devices whose backing file is `path`.
 fn loop_devices_backed_by(path: &Path) -> Vec<String> {
     let Ok(canon) = std::fs::canonicalize(path) else { return Vec::new() };
-    let Ok(rd) = std::fs::read_dir("/sys/block") else { return Vec::new() };
-    rd.flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let bf = std::fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
-            (Path::new(bf.trim()) == canon).then(|| format!("/dev/{name}"))
-        })
-        .collect()
+    loop_devices().into_iter().filter(|(_, b)| *b == canon).map(|(d, _)| d).collect()
 }
 
 /// The file behind the loop device `rdev` (whatever node names it), if it is one: the kernel's
@@ -88,7 +83,9 @@ impl Target {
     /// file attached to a loop device, a block device that is mounted or held (`O_EXCL`), and a
     /// target smaller than the disk.
     pub fn open(path: &Path, size: u64, sources: &[PathBuf], create: Create) -> Result<Target> {
-        match std::fs::metadata(path) {
+        // Checked on a descriptor that does not open the target, then that same inode is opened:
+        // nothing put at the name in between (a character device, a source) is ever opened.
+        match Pinned::new(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create == Create::IfMissing => {
                 let file = OpenOptions::new()
                     .write(true)
@@ -100,11 +97,12 @@ impl Target {
                 Ok(Target { file, path: path.to_path_buf(), block_device: false, created: true, len: size })
             }
             Err(e) => Err(Error::io("cannot stat target", e).in_file(path.display())),
-            Ok(md) => Self::open_existing(path, &md, size, sources),
+            Ok(pinned) => Self::open_existing(path, &pinned, size, sources),
         }
     }
 
-    fn open_existing(path: &Path, md: &std::fs::Metadata, size: u64, sources: &[PathBuf]) -> Result<Target> {
+    fn open_existing(path: &Path, pinned: &Pinned, size: u64, sources: &[PathBuf]) -> Result<Target> {
+        let md = pinned.metadata();
         let ft = md.file_type();
         if !(ft.is_file() || ft.is_block_device()) {
             return Err(err(path, ExportError::NotFileOrDevice));
@@ -125,7 +123,7 @@ impl Target {
         if ft.is_block_device() {
             oo.custom_flags(libc::O_EXCL);
         }
-        let file = oo.open(path).map_err(|e| {
+        let file = pinned.open(&oo).map_err(|e| {
             if e.raw_os_error() == Some(libc::EBUSY) {
                 err(path, ExportError::InUse)
             } else {

@@ -30,6 +30,7 @@ use memmap2::MmapMut;
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, ErrorKind, Kind, Result};
+use crate::source::Pinned;
 
 mod checkpoint;
 mod file;
@@ -245,26 +246,33 @@ impl Overlay {
         wrap: impl FnOnce(File) -> Box<dyn OverlayFile>,
     ) -> Result<Overlay> {
         let in_file = |e: OverlayError| Error::from(e).in_file(path.display());
-        match std::fs::metadata(path) {
+        // The type is checked on a descriptor that does not open the file (opening a FIFO
+        // blocks, a device may act on open), and then that same inode is opened; a missing
+        // overlay is created new (`O_EXCL`), so nothing put at the name meanwhile is opened.
+        let (file, meta) = match Pinned::new(path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !writable => {
                 return Err(in_file(OverlayError::NotFound));
             }
-            // Checked before opening: opening a FIFO blocks, a device may act on open.
-            Ok(m) if !m.is_file() => return Err(in_file(OverlayError::NotAFile(file_kind(&m)))),
-            _ => {}
-        }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .create(writable)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| io(path, "cannot open overlay", e))?;
-        let meta = file.metadata().map_err(|e| io(path, "stat", e))?;
-        if !meta.is_file() {
-            // Replaced between the check and the open.
-            return Err(in_file(OverlayError::NotAFile(file_kind(&meta))));
-        }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(|e| io(path, "cannot create overlay", e))?;
+                let meta = file.metadata().map_err(|e| io(path, "stat", e))?;
+                (file, meta)
+            }
+            Err(e) => return Err(io(path, "cannot open overlay", e)),
+            Ok(p) if !p.metadata().is_file() => return Err(in_file(OverlayError::NotAFile(file_kind(p.metadata())))),
+            Ok(p) => {
+                let file = p
+                    .open(OpenOptions::new().read(true).write(writable))
+                    .map_err(|e| io(path, "cannot open overlay", e))?;
+                let meta = file.metadata().map_err(|e| io(path, "stat", e))?;
+                (file, meta)
+            }
+        };
         lock(&file, writable).map_err(in_file)?;
         let len = meta.len();
         let header = if len == 0 {

@@ -4,7 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{FileId, Location, Source, SourceError};
 use crate::error::{Error, Result};
@@ -44,33 +44,66 @@ fn kind_name(ft: &std::fs::FileType) -> &'static str {
     }
 }
 
+/// A file named by path, held by an `O_PATH` descriptor: it names the inode without opening
+/// it, so no driver's `open` runs (a `/dev/watchdog` is not armed) and a FIFO cannot block.
+/// The caller checks [`Pinned::metadata`] (taken from that descriptor), then [`Pinned::open`]
+/// opens that very inode: whatever is renamed over the path in between is never opened.
+#[derive(Debug)]
+pub struct Pinned {
+    fd: std::os::fd::OwnedFd,
+    md: std::fs::Metadata,
+    path: PathBuf,
+}
+
+impl Pinned {
+    /// Pins what `path` names now (following symlinks, as `stat` does).
+    pub fn new(path: &Path) -> std::io::Result<Pinned> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_CLOEXEC).open(path)?;
+        let md = f.metadata()?;
+        Ok(Pinned { fd: f.into(), md, path: path.to_path_buf() })
+    }
+
+    /// The pinned inode's metadata (`fstat` of the `O_PATH` descriptor).
+    pub fn metadata(&self) -> &std::fs::Metadata {
+        &self.md
+    }
+
+    /// Opens the pinned inode with `opts` (never creating: it exists) through `/proc/self/fd`,
+    /// with the access checks of an open by name. Where `/proc` is not mounted it opens the name
+    /// again instead; either way the opened file must be the pinned inode (`ESTALE` otherwise).
+    pub fn open(&self, opts: &std::fs::OpenOptions) -> std::io::Result<std::fs::File> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let f = match opts.open(format!("/proc/self/fd/{}", self.fd.as_raw_fd())) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => opts.open(&self.path)?,
+            r => r?,
+        };
+        let md = f.metadata()?;
+        if md.dev() != self.md.dev() || md.ino() != self.md.ino() {
+            return Err(std::io::Error::other("changed while being opened (another file was put at its name)"));
+        }
+        Ok(f)
+    }
+}
+
 impl LocalSource {
-    /// Opens `path` read-only after checking its type without blocking: `stat` first (so a
-    /// character device is never opened at all), then an `O_NONBLOCK` open (so a FIFO swapped in
-    /// meanwhile cannot hang us), `fstat` to confirm it is the same object, and only then the
-    /// flag is cleared.
+    /// Opens `path` read-only after checking its type on a descriptor that does not open it
+    /// ([`Pinned`]: a character device is never opened, a FIFO never blocks), then opens that
+    /// same inode `O_NONBLOCK` (belt and braces) and clears the flag.
     pub fn open(path: &Path, accept: FileTypes) -> Result<Self> {
         let loc = Location::local(path);
         let fail = |e: SourceError| Error::from(e).in_file(&loc);
-        let before = std::fs::metadata(path).map_err(|e| fail(SourceError::Os { what: "cannot open", source: e }))?;
-        check_type(&before.file_type(), accept).map_err(fail)?;
+        let pinned = Pinned::new(path).map_err(|e| fail(SourceError::Os { what: "cannot open", source: e }))?;
+        check_type(&pinned.metadata().file_type(), accept).map_err(fail)?;
         let flags = libc::O_NONBLOCK | libc::O_CLOEXEC;
         // O_NOATIME keeps even the access time of a source untouched where we are allowed to.
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(flags | libc::O_NOATIME)
-            .open(path)
-            .or_else(|_| OpenOptions::new().read(true).custom_flags(flags).open(path))
+        let file = pinned
+            .open(OpenOptions::new().read(true).custom_flags(flags | libc::O_NOATIME))
+            .or_else(|_| pinned.open(OpenOptions::new().read(true).custom_flags(flags)))
             .map_err(|e| fail(SourceError::Os { what: "cannot open", source: e }))?;
         let md = file.metadata().map_err(|e| fail(SourceError::Os { what: "cannot stat", source: e }))?;
         let ft = md.file_type();
-        check_type(&ft, accept).map_err(fail)?;
-        if md.dev() != before.dev() || md.ino() != before.ino() {
-            return Err(fail(SourceError::Os {
-                what: "changed while being opened",
-                source: std::io::Error::from_raw_os_error(libc::ESTALE),
-            }));
-        }
         // SAFETY: fcntl on a descriptor we own.
         unsafe {
             let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
@@ -138,6 +171,30 @@ impl Source for LocalSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_name_opens_the_inode_checked_not_what_is_put_at_the_name_later() {
+        use std::io::Read;
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("parent.vhd");
+        std::fs::write(&p, b"checked").unwrap();
+        let pinned = Pinned::new(&p).unwrap();
+        assert!(pinned.metadata().is_file());
+        // Between the check and the open, a FIFO is renamed over the name: opening the name
+        // would block (or open a device); the pinned inode is opened instead, at once.
+        let fifo = t.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo at a path this test owns.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::rename(&fifo, &p).unwrap();
+        let mut f = pinned.open(std::fs::OpenOptions::new().read(true)).unwrap();
+        let mut s = String::new();
+        f.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "checked");
+        // A FIFO pinned by name is held without opening it (no reader or writer is needed).
+        let fifo_pinned = Pinned::new(&p).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_fifo(&fifo_pinned.metadata().file_type()));
+    }
 
     #[test]
     fn fifo_and_char_devices_are_refused_without_blocking() {

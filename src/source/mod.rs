@@ -17,7 +17,7 @@ use std::fmt;
 use std::io;
 
 pub use http_url::{HttpOrigin, HttpUrl};
-pub use local::{FileTypes, LocalSource};
+pub use local::{FileTypes, LocalSource, Pinned};
 pub use location::{Location, SshHost, SshPath, UrlError, normalize, normalize_remote};
 pub use mem::MemSource;
 

@@ -243,3 +243,37 @@ fn loop_helper_attaches_partitions_and_detaches_cleanly() {
     let ours = format!("({})", m.file("disk.raw").display());
     assert!(!attached.contains(&ours), "a device is still attached to {ours}: {attached}");
 }
+
+crate::register!(a_closed_pipe_ends_info_and_map_quietly);
+/// `vdiskfs info IMAGE | head -1`: a reader that has gone away ends the command as it ends
+/// `ls` (killed by SIGPIPE, nothing on stderr), never with a panic and a backtrace. Checked with
+/// a pipe whose reading end is closed before the command writes (always a broken pipe), and
+/// with a real `head -1` (its line is the first line of the whole output).
+fn a_closed_pipe_ends_info_and_map_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let t = tmpdir();
+    let (paths, _, _) = three_layers(t.path());
+    let top = paths[0].as_os_str();
+    for cmd in ["info", "map"] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe(2) into a two-element array.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors were just made by pipe(2) and are owned here only.
+        let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        drop(read_end);
+        let o = Command::new(bin()).args([os(cmd), top]).stdout(Stdio::from(write_end)).output().unwrap();
+        assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{cmd}: {:?}, stderr: {}", o.status, stderr(&o));
+        assert_eq!(stderr(&o), "", "{cmd}: nothing on stderr");
+
+        let whole = vdiskfs([os(cmd), top]);
+        assert!(whole.status.success(), "{}", stderr(&whole));
+        let first = String::from_utf8_lossy(&whole.stdout).lines().next().unwrap().to_string();
+        let quoted = top.to_str().unwrap().replace('\'', "'\\''");
+        let script = format!("'{}' {cmd} '{quoted}' | head -1", bin());
+        let o = Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim_end(), first, "{cmd} | head -1");
+        assert_eq!(stderr(&o), "", "{cmd} | head -1: nothing on stderr");
+    }
+}

@@ -10,6 +10,7 @@ const RANKS: &[(&str, u32)] = &[
     ("error", 0),
     ("cache", 0),
     ("progress", 0),
+    ("holders", 0),
     ("source", 1),
     ("layer", 2),
     ("gate", 3),

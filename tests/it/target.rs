@@ -9,6 +9,9 @@ use std::process::Command;
 use testkit::vhd::{Dialect, VhdBuilder};
 use testkit::vmdk::{DeltaBuilder, write_flat};
 
+use vdiskfs::progress::Silent;
+use vdiskfs::source::Location;
+
 use crate::common::*;
 
 const MIB: u64 = 1 << 20;
@@ -117,4 +120,61 @@ fn export_refuses_a_block_device_source_under_another_name() {
     model[..(MIB / 2) as usize].copy_from_slice(&pattern(3, (MIB / 2) as usize));
     model[(3 * MIB / 4) as usize..(3 * MIB / 4) as usize + 4096].copy_from_slice(&pattern(4, 4096));
     assert_same("export of the device chain", &std::fs::read(&lo2.0).unwrap()[..model.len()], &model);
+}
+
+crate::register!(export_and_sync_refuse_the_left_out_top_the_overlay_and_a_source);
+/// The top left out by `--exclude-top` is still a source (it is the running VM's disk), and so
+/// are the overlay and every layer for a `sync`: each is refused as the target, one line naming
+/// it, and left byte for byte as it was. Before, the left-out top was missing from the sources,
+/// and a top larger than the disk took the export.
+fn export_and_sync_refuse_the_left_out_top_the_overlay_and_a_source() {
+    let t = tmpdir();
+    let base = t.path().join("base.vhd");
+    // 1 MiB of disk in 2 MiB blocks: the child's file is larger than the disk, so only the
+    // source check can refuse it.
+    VhdBuilder::dynamic(MIB).dialect(Dialect::Xen).write(0, &pattern(5, (MIB / 2) as usize)).build(&base).unwrap();
+    let child = t.path().join("child.vhd");
+    let mut c = VhdBuilder::differencing(&base).unwrap().dialect(Dialect::Xen);
+    c.write(MIB / 4, &pattern(6, 4096));
+    c.build(&child).unwrap();
+    assert!(std::fs::metadata(&child).unwrap().len() > MIB, "the child must be larger than the disk");
+    let export = |extra: &[&std::ffi::OsStr], target: &Path| {
+        let mut a = vec![os("export"), os("--quiet")];
+        a.extend_from_slice(extra);
+        a.extend([child.as_os_str(), target.as_os_str()]);
+        vdiskfs(&a)
+    };
+    let kept = |paths: &[&Path]| paths.iter().map(|p| std::fs::read(p).unwrap()).collect::<Vec<_>>();
+    let before = kept(&[&base, &child]);
+
+    let o = export(&[os("--exclude-top")], &child);
+    assert_one_line_error(&o, &child.display().to_string(), &["is the source", "never written"]);
+    assert!(kept(&[&base, &child]) == before, "--exclude-top: a source changed");
+
+    // An overlay made for this chain (as a writable mount makes it), then named as the target.
+    let ovl = t.path().join("fix.ovl");
+    let opts = vdiskfs::open::OpenOptions::default();
+    let disk = vdiskfs::open::open_images(&[Location::local(&child)], &opts, &Silent).unwrap().remove(0);
+    drop(disk.attach_overlay(&ovl, vdiskfs::overlay::DEFAULT_CLUSTER, true).unwrap());
+    let o = export(&[os("--overlay"), ovl.as_os_str()], &ovl);
+    assert_one_line_error(&o, &ovl.display().to_string(), &["is the source", "never written"]);
+    let ovl_before = std::fs::read(&ovl).unwrap();
+
+    // A sync into a layer: its state is real (an export made it), so only the target is wrong.
+    let state = t.path().join("out.state");
+    let out = t.path().join("out.raw");
+    let o = export(&[os("--state"), state.as_os_str()], &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for target in [&base, &child] {
+        let a = [os("sync"), os("--quiet"), os("--state"), state.as_os_str(), child.as_os_str(), target.as_os_str()];
+        let o = vdiskfs(a);
+        assert_one_line_error(&o, &target.display().to_string(), &["is the source", "never written"]);
+    }
+    assert!(kept(&[&base, &child]) == before, "sync: a source changed");
+    assert!(std::fs::read(&ovl).unwrap() == ovl_before, "the overlay changed");
+    // The export that was allowed holds the disk (checked against the model of the two writes).
+    let mut model = vec![0u8; MIB as usize];
+    model[..(MIB / 2) as usize].copy_from_slice(&pattern(5, (MIB / 2) as usize));
+    model[(MIB / 4) as usize..(MIB / 4) as usize + 4096].copy_from_slice(&pattern(6, 4096));
+    assert_same("the export beside them", &std::fs::read(&out).unwrap(), &model);
 }

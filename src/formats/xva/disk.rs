@@ -8,8 +8,11 @@
 //! writes 1 MiB chunks, but the format allows up to 1 GiB) is never held whole: it is hashed in
 //! pieces of [`HASH_PIECE`] and the part asked for is copied out on the way.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 
 use super::chunks::{Chunk, ChunkChecksum, Placed};
 use super::{Archive, Error, TarStream, chunk_name, ovaxml};
@@ -33,6 +36,9 @@ pub struct XvaDisk {
     vbd: Option<(String, String)>,
     chunks: Box<[Chunk]>,
     verified: Box<[AtomicU64]>,
+    /// Chunks whose checksum failed, with the sum computed: a later read fails at once (the
+    /// archive does not change under a mount), instead of hashing up to 1 GiB again.
+    bad: Mutex<HashMap<usize, ChunkChecksum>>,
     verify: bool,
     digits: usize,
     keepalives: u64,
@@ -50,6 +56,7 @@ impl XvaDisk {
             vbd,
             chunks: d.chunks.into(),
             verified: (0..n.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            bad: Mutex::new(HashMap::new()),
             verify,
             digits: d.digits,
             keepalives: d.keepalives,
@@ -85,6 +92,9 @@ impl XvaDisk {
             Some(s) if self.verify && !self.is_verified(i) => s,
             _ => return self.archive.read_exact_at(c.data + within, buf),
         };
+        if let Some(&computed) = self.bad.lock().get(&i) {
+            return Err(self.mismatch(i, sum, computed, false));
+        }
         let mut keep: Option<Vec<u8>> = None;
         let computed = if within == 0 && buf.len() as u64 == c.len {
             self.archive.read_exact_at(c.data, buf)?;
@@ -98,7 +108,8 @@ impl XvaDisk {
             self.hash_in_pieces(&c, sum, within, buf)?
         };
         if computed != sum {
-            return Err(self.mismatch(i, sum, computed));
+            self.bad.lock().insert(i, computed);
+            return Err(self.mismatch(i, sum, computed, true));
         }
         self.set_verified(i);
         if let Some(data) = keep {
@@ -128,10 +139,14 @@ impl XvaDisk {
         Ok(h.finish())
     }
 
-    fn mismatch(&self, i: usize, stored: ChunkChecksum, computed: ChunkChecksum) -> CrateError {
+    /// The error of chunk `i`'s failed checksum, logged as an error when `first` found, later
+    /// (remembered, not hashed again) at debug level.
+    fn mismatch(&self, i: usize, stored: ChunkChecksum, computed: ChunkChecksum, first: bool) -> CrateError {
         let member = self.member(i);
         let kind = stored.kind();
-        log::error!(
+        let level = if first { log::Level::Error } else { log::Level::Debug };
+        log::log!(
+            level,
             "{}: {member}: {kind} checksum mismatch (stored {stored}, computed {computed}); returning EIO",
             self.archive.location(),
         );
@@ -347,20 +362,48 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupted_large_chunk_is_caught_by_the_piecewise_hash() {
+    fn a_corrupted_large_chunk_is_caught_by_the_piecewise_hash_and_never_hashed_again() {
         let chunk = 8u64 << 20;
         let data = pattern(6, (2 * chunk) as usize);
         let mut b = XvaBuilder::xapi("vm");
-        b.disk("d", data, 3, 0).chunk_size(chunk);
+        b.disk("d", data.clone(), 3, 0).chunk_size(chunk);
         let mut bytes = b.to_bytes();
         // The second chunk's data: flip a byte near its end, far from the part read.
         let name = b"Ref:3/00000001\0";
         let hdr = bytes.windows(name.len()).position(|w| w == name).unwrap();
         bytes[hdr + 512 + (chunk as usize) - 10] ^= 0xff;
-        let disks = open_mem(bytes);
-        let e = read_at(&disks[0].1, chunk + 10, 100).unwrap_err();
-        assert!(e.to_string().contains("Ref:3/00000001: XXH64 (.xxhash) checksum mismatch"), "{e}");
-        assert_eq!(e.errno(), libc::EIO);
-        assert!(disks[0].1.recent.is_empty());
+        let src = Arc::new(Counting(crate::source::MemSource::new("vm.xva", bytes), AtomicU64::new(0)));
+        let disks = super::super::open(src.clone(), &Default::default(), &crate::progress::Silent).unwrap();
+        let d = &disks[0].1;
+        for round in 0..3 {
+            let before = src.1.load(Ordering::Relaxed);
+            let e = read_at(d, chunk + 10 + round * 4096, 100).unwrap_err();
+            assert!(e.to_string().contains("Ref:3/00000001: XXH64 (.xxhash) checksum mismatch"), "{e}");
+            assert_eq!(e.errno(), libc::EIO);
+            // The first read hashes the whole chunk; later ones fail at once, reading nothing.
+            let read = src.1.load(Ordering::Relaxed) - before;
+            assert_eq!(read, if round == 0 { chunk } else { 0 }, "round {round}");
+        }
+        assert!(d.recent.is_empty());
+        // The good chunk beside it still reads.
+        assert_eq!(read_at(d, 4096, 100).unwrap(), data[4096..4196]);
+    }
+
+    /// A source that counts the bytes read from it.
+    #[derive(Debug)]
+    struct Counting(crate::source::MemSource, AtomicU64);
+
+    impl Source for Counting {
+        fn location(&self) -> &Location {
+            self.0.location()
+        }
+        fn len(&self) -> Result<u64> {
+            self.0.len()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
+            let n = self.0.read_at(buf, offset)?;
+            self.1.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(n)
+        }
     }
 }
