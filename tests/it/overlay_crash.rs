@@ -79,13 +79,18 @@ fn apply<'a>(base: &mut [u8], ops: impl Iterator<Item = &'a FileOp>) {
     }
 }
 
-/// The subsets of `n` unsynced ops to try: all of them when few, else a bounded random sample
-/// (always with none and all).
+/// The subsets of `n` unsynced ops to try: all of them when few, else none, all, each op alone
+/// lost, each op alone kept, and a bounded random sample.
 fn subsets(n: usize, rng: &mut Rng) -> Vec<Vec<bool>> {
     if n <= 6 {
         return (0..1u64 << n).map(|m| (0..n).map(|b| m >> b & 1 == 1).collect()).collect();
     }
     let mut out = vec![vec![false; n], vec![true; n]];
+    // Each op alone lost, and each op alone reached the disk: every single write-back reordering.
+    for i in 0..n {
+        out.push((0..n).map(|b| b != i).collect());
+        out.push((0..n).map(|b| b == i).collect());
+    }
     out.extend((0..40).map(|_| (0..n).map(|_| rng.below(2) == 1).collect()));
     out
 }
@@ -111,8 +116,9 @@ fn check_state(what: &str, got: &[u8], durable: &[u8], later: &[&Vec<u8>]) {
 }
 
 crate::register!(every_power_loss_state_shows_synced_bytes_and_old_or_new_elsewhere);
-/// Builds every crash state of a recorded random workload (bounded: all subsets of the unsynced
-/// ops when there are at most 6, else a random sample) and checks each against the model.
+/// Builds the crash states of a recorded random workload (all subsets of the unsynced ops when
+/// there are at most 6, else the systematic and random ones of [`subsets`]) and checks each
+/// against the model.
 fn every_power_loss_state_shows_synced_bytes_and_old_or_new_elsewhere() {
     let mut states = 0usize;
     for seed in [0x9e37_79b9_7f4a_7c15u64, 0xdead_beef_cafe_f00d, 0x1234_5678_9abc_def1] {
