@@ -37,9 +37,7 @@ pub fn holders_under(path: &Path) -> Vec<String> {
             continue;
         }
         let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else { continue };
-        let open: Vec<PathBuf> =
-            fds.flatten().filter_map(|f| std::fs::read_link(f.path()).ok()).filter(|t| under(t)).collect();
-        if let Some(f) = open.first() {
+        if let Some(f) = fds.flatten().filter_map(|f| std::fs::read_link(f.path()).ok()).find(|t| under(t)) {
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
             v.push(format!("process {pid} ({}) has {} open", comm.trim(), f.display()));
         }

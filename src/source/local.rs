@@ -58,8 +58,7 @@ pub struct Pinned {
 impl Pinned {
     /// Pins what `path` names now (following symlinks, as `stat` does).
     pub fn new(path: &Path) -> std::io::Result<Pinned> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_CLOEXEC).open(path)?;
+        let f = OpenOptions::new().read(true).custom_flags(libc::O_PATH | libc::O_CLOEXEC).open(path)?;
         let md = f.metadata()?;
         Ok(Pinned { fd: f.into(), md, path: path.to_path_buf() })
     }
@@ -71,10 +70,9 @@ impl Pinned {
 
     /// Opens the pinned inode with `opts` (never creating: it exists) through `/proc/self/fd`,
     /// with the access checks of an open by name. Where `/proc` is not mounted it opens the name
-    /// again instead; either way the opened file must be the pinned inode (`ESTALE` otherwise).
-    pub fn open(&self, opts: &std::fs::OpenOptions) -> std::io::Result<std::fs::File> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::MetadataExt;
+    /// again instead (and so has the race of an open by name); either way the opened file must
+    /// be the pinned inode, or the open fails.
+    pub fn open(&self, opts: &OpenOptions) -> std::io::Result<File> {
         let f = match opts.open(format!("/proc/self/fd/{}", self.fd.as_raw_fd())) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => opts.open(&self.path)?,
             r => r?,
